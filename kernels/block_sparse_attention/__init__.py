@@ -1,0 +1,1 @@
+"""Pallas block-sparse flash attention (GPU Triton / TPU Mosaic / interpret)."""
