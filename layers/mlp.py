@@ -1,0 +1,25 @@
+"""SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SwiGLU(nnx.Module):
+  """y = (silu(x W_gate) * (x W_up)) W_down with hidden size `hidden`."""
+
+  def __init__(self, dim: int, hidden: int, *, init_std: float, out_init_std: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    normal = nnx.initializers.normal
+    self.w_gate = nnx.Param(normal(init_std)(rngs.params(), (dim, hidden), param_dtype), logical_axes=("embed", "mlp"))
+    self.w_up = nnx.Param(normal(init_std)(rngs.params(), (dim, hidden), param_dtype), logical_axes=("embed", "mlp"))
+    self.w_down = nnx.Param(normal(out_init_std)(rngs.params(), (hidden, dim), param_dtype),
+                            logical_axes=("mlp", "embed"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, D] in the compute dtype."""
+    x = x.astype(self.dtype)
+    gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(self.dtype))
+    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(self.dtype))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))

@@ -1,0 +1,87 @@
+"""Decoder-only language model assembled from a ModelConfig."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparseformer.layers.attention import Attention
+from sparseformer.layers.embedding import Embedding
+from sparseformer.layers.mlp import SwiGLU
+from sparseformer.layers.norm import RMSNorm
+from sparseformer.models.config import ModelConfig
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    out_init_std = config.init_std / math.sqrt(2 * config.num_layers)
+    self.ffn_kind = config.ffn_kind(layer)
+    self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.attention = Attention(
+        dim=config.d_model, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+        head_dim=config.resolved_head_dim, kind=config.attention_kind(layer), sparse_config=config.attention,
+        rope_theta=config.rope_theta, init_std=config.init_std, out_init_std=out_init_std, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if self.ffn_kind == "moe":
+      from sparseformer.layers.moe import MoEFeedForward  # pylint: disable=import-outside-toplevel
+
+      self.ffn = MoEFeedForward(config.d_model, config.moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.ffn = SwiGLU(config.d_model, config.resolved_mlp_hidden, init_std=config.init_std,
+                        out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = x + self.attention(self.attention_norm(x), positions)
+    if self.ffn_kind == "moe":
+      y, aux = self.ffn(self.ffn_norm(x))
+    else:
+      y, aux = self.ffn(self.ffn_norm(x)), {}
+    return x + y, aux
+
+
+class DecoderLM(nnx.Module):
+  """tokens [B, T] -> (logits [B, T, V] f32, aux).
+
+  `aux["aux_loss"]` is the sum of the layers' auxiliary losses (already weighted; add it to the LM loss);
+  every other entry is a per-layer metric named `layer{i}/{ffn_kind}/{name}`.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.embedding = Embedding(config.vocab_size, config.d_model, init_std=config.init_std, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if not config.tie_embeddings:
+      head = nnx.initializers.normal(config.init_std)(rngs.params(), (config.d_model, config.vocab_size),
+                                                      param_dtype)
+      self.lm_head = nnx.Param(head, logical_axes=("embed", "vocab"))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    config = self.config
+    if positions is None:
+      positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embedding(tokens)
+    aux_loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for layer, block in enumerate(self.blocks):
+      call = nnx.remat(type(block).__call__) if config.remat else type(block).__call__
+      x, block_aux = call(block, x, positions)
+      for name, value in block_aux.items():
+        if name == "aux_loss":
+          aux_loss = aux_loss + value
+        else:
+          metrics[f"layer{layer}/{block.ffn_kind}/{name}"] = value
+    x = self.final_norm(x)
+    if config.tie_embeddings:
+      logits = self.embedding.attend(x)
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    return logits, {"aux_loss": aux_loss, **metrics}

@@ -1,0 +1,119 @@
+"""`--set a.b=value` overrides of frozen dataclass configs, type-checked, parsed as Python literals."""
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+
+def _field_names(config: Any, prefix: str = "") -> list[str]:
+  names = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    names.append(prefix + field.name)
+    if dataclasses.is_dataclass(value):
+      names.extend(_field_names(value, prefix + field.name + "."))
+  return names
+
+
+def _unknown_field_error(root: Any, dotted: str) -> ValueError:
+  close = difflib.get_close_matches(dotted, _field_names(root), n=5, cutoff=0.5)
+  hint = f" Did you mean: {', '.join(close)}?" if close else " Run `sparseformer show-config` to list fields."
+  return ValueError(f"Unknown config field {dotted!r}.{hint}")
+
+
+def _parse_literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word such as `bfloat16` is a string
+
+
+def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
+  """Returns `value` converted to `annotation`, or raises a ValueError naming the field."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    errors = []
+    for option in typing.get_args(annotation):
+      try:
+        return _coerce(value, option, dotted)
+      except ValueError as error:
+        errors.append(str(error))
+    raise ValueError(f"{dotted}: {value!r} matches none of {annotation}.")
+  if annotation is type(None):
+    if value is None:
+      return None
+    raise ValueError(f"{dotted}: expected None, got {value!r}.")
+  if origin is tuple:
+    args = typing.get_args(annotation)
+    if isinstance(value, (str, int, float)) and len(args) == 2 and args[1] is Ellipsis:
+      value = (value,)  # `--set model.attention_pattern=local` means a one-element pattern
+    if not isinstance(value, (tuple, list)):
+      raise ValueError(f"{dotted}: expected a tuple such as ('a', 'b'), got {value!r}.")
+    item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(item_types) != len(value):
+      raise ValueError(f"{dotted}: expected {len(item_types)} items, got {len(value)}.")
+    return tuple(_coerce(item, item_type, f"{dotted}[{i}]") for i, (item, item_type) in
+                 enumerate(zip(value, item_types)))
+  if annotation is bool:
+    if isinstance(value, bool):
+      return value
+    raise ValueError(f"{dotted}: expected True or False, got {value!r}.")
+  if annotation is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ValueError(f"{dotted}: expected an integer, got {value!r}.")
+  if annotation is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise ValueError(f"{dotted}: expected a number, got {value!r}.")
+  if annotation is str:
+    if isinstance(value, str):
+      return value
+    return str(value)  # `--set data.path=2024` is the path "2024"
+  if annotation is Any:
+    return value
+  if isinstance(annotation, type) and isinstance(value, annotation):
+    return value
+  raise ValueError(f"{dotted}: cannot set a field of type {annotation} from the command line.")
+
+
+def apply_override(root: Any, dotted: str, raw_value: str) -> Any:
+  """Returns a copy of the dataclass `root` with the field at `dotted` replaced by the parsed value."""
+  path = dotted.split(".")
+
+  def replace(config: Any, depth: int) -> Any:
+    if not dataclasses.is_dataclass(config):
+      raise _unknown_field_error(root, dotted)
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    name = path[depth]
+    if name not in fields:
+      raise _unknown_field_error(root, dotted)
+    if depth == len(path) - 1:
+      annotation = typing.get_type_hints(type(config))[name]
+      if dataclasses.is_dataclass(getattr(config, name)):
+        raise ValueError(f"{dotted} is a group of settings; set one of its fields, e.g. {dotted}."
+                         f"{dataclasses.fields(getattr(config, name))[0].name}=...")
+      value = _coerce(_parse_literal(raw_value), annotation, dotted)
+    else:
+      value = replace(getattr(config, name), depth + 1)
+    return dataclasses.replace(config, **{name: value})
+
+  return replace(root, 0)
+
+
+def apply_overrides(root: Any, assignments: list[str]) -> Any:
+  """Applies `key=value` strings in order; every error names the field."""
+  for assignment in assignments:
+    if "=" not in assignment:
+      raise ValueError(f"--set expects key=value, got {assignment!r} (e.g. --set train.steps=100).")
+    key, raw_value = assignment.split("=", 1)
+    root = apply_override(root, key.strip(), raw_value.strip())
+  return root
+
+
+def to_dict(config: Any) -> dict:
+  """A JSON-ready dict of a (nested) dataclass config."""
+  return dataclasses.asdict(config)
