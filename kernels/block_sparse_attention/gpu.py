@@ -1,0 +1,196 @@
+"""GPU (Triton lowering) glue for the block-sparse flash attention kernels.
+
+Triton has no scalar prefetch and no dynamic grid, so the block lists are ordinary inputs and
+each program runs a data-dependent `lax.fori_loop` over its listed blocks, loading
+`k_ref[pl.ds(block * block_kv, tile)]`. A tile never spans two layout blocks; when the kernel
+tile is smaller than the layout block the loop walks `count * sub_tiles` steps.
+
+Grids (at most 3 dims on Triton):
+  forward, dQ: (query tiles, B, H)        K/V of head h come from kv head h // group (GQA, no copy)
+  dK/dV:       (key tiles, B, KVH)        loops over the group's query heads, then over the query
+                                          blocks listed for this key block (transposed view)
+Arrays stay in the caller's [B, T, H, D] layout; padded lengths (multiples of the layout blocks)
+are prepared by api.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from sparseformer.kernels.block_sparse_attention import common
+from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta, Tiles
+
+
+def _full(shape) -> pl.BlockSpec:
+  """The whole array as one block (the kernel indexes it with program ids / loaded block ids)."""
+  return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
+
+
+def _split(index, sub: int, tile: int):
+  """Program/loop index over tiles -> (layout block, row offset inside the block)."""
+  if sub == 1:
+    return index, 0
+  return index // sub, (index % sub) * tile
+
+
+def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
+                o_ref, lse_ref, *, meta: LayoutMeta, tq: int, tk: int, scale_log2: float):
+  i, h = pl.program_id(0), pl.program_id(2)
+  hl = h if meta.layout_heads > 1 else 0
+  q_block, q_off = _split(i, meta.block_q // tq, tq)
+  kv_sub = meta.block_kv // tk
+  q = q_ref[...]  # [tq, D]
+
+  def body(t, carry):
+    j, k_off = _split(t, kv_sub, tk)
+    start = pl.multiple_of(kv_index_ref[hl, q_block, j] * meta.block_kv + k_off, tk)
+    s = common.scores(q, k_ref[pl.ds(start, tk), :], scale_log2)
+    s = common.mask_partial(
+        s, kv_mask_id_ref[hl, q_block, j],
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)])
+    return common.softmax_step(carry, s, v_ref[pl.ds(start, tk), :])
+
+  count = kv_count_ref[hl, q_block] * kv_sub
+  carry = lax.fori_loop(0, count, body, common.softmax_init(tq, q.shape[-1]))
+  out, lse = common.softmax_finalize(carry)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse[:, 0]
+
+
+def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale: float,
+            interpret: bool):
+  """q [B, Tp, H, D], k/v [B, Sp, KVH, D] (padded) -> (out [B, Tp, H, D], lse f32 [B, H, Tp])."""
+  batch, seq_q, heads, head_dim = q.shape
+  seq_kv, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  tq, tk = tiles.fwd_q, tiles.fwd_kv
+  kernel = functools.partial(_fwd_kernel, meta=meta, tq=tq, tk=tk,
+                             scale_log2=scale * common.LOG2E)
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+  tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(seq_q // tq, batch, heads),
+      in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
+                _full(arrays.kv_mask_id.shape), _full(arrays.partial_masks.shape),
+                tile_spec, kv_spec, kv_spec],
+      out_specs=[tile_spec, pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="block_sparse_attention_fwd",
+  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, arrays.partial_masks, q, k, v)
+
+
+def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tq: int, tk: int,
+               scale: float):
+  i, h = pl.program_id(0), pl.program_id(2)
+  hl = h if meta.layout_heads > 1 else 0
+  q_block, q_off = _split(i, meta.block_q // tq, tq)
+  kv_sub = meta.block_kv // tk
+  q, do = q_ref[...], do_ref[...]  # [tq, D]
+  lse2 = common.lse_to_base2(lse_ref[...])[:, None]  # [tq, 1]
+  delta = delta_ref[...][:, None]
+
+  def body(t, dq):
+    j, k_off = _split(t, kv_sub, tk)
+    start = pl.multiple_of(kv_index_ref[hl, q_block, j] * meta.block_kv + k_off, tk)
+    k = k_ref[pl.ds(start, tk), :]
+    s = common.scores(q, k, scale * common.LOG2E)
+    s = common.mask_partial(
+        s, kv_mask_id_ref[hl, q_block, j],
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)])
+    return common.dq_step(dq, s, lse2, delta, do, k, v_ref[pl.ds(start, tk), :])
+
+  count = kv_count_ref[hl, q_block] * kv_sub
+  dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, meta: LayoutMeta, tq: int,
+                tk: int, group: int, scale: float):
+  i, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  kv_block, k_off = _split(i, meta.block_kv // tk, tk)
+  q_sub = meta.block_q // tq
+  k, v = k_ref[...], v_ref[...]  # [tk, D]
+
+  def head_body(g, carry):
+    h = kv_head * group + g
+    hl = h if meta.layout_heads > 1 else 0
+
+    def body(t, carry):
+      j, q_off = _split(t, q_sub, tq)
+      start = pl.multiple_of(q_index_ref[hl, kv_block, j] * meta.block_q + q_off, tq)
+      q = q_ref[b, pl.ds(start, tq), h, :]
+      s_t = common.scores(k, q, scale * common.LOG2E)  # [tk, tq]
+      s_t = common.mask_partial(
+          s_t, q_mask_id_ref[hl, kv_block, j],
+          lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)])
+      lse2 = common.lse_to_base2(lse_ref[b, h, pl.ds(start, tq)])[None, :]  # [1, tq]
+      delta = delta_ref[b, h, pl.ds(start, tq)][None, :]
+      return common.dkv_step(carry, s_t, lse2, delta, q, do_ref[b, pl.ds(start, tq), h, :], v)
+
+    return lax.fori_loop(0, q_count_ref[hl, kv_block] * q_sub, body, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  if group == 1:
+    dk, dv = head_body(0, (zeros, zeros))
+  else:
+    dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
+             scale: float, interpret: bool):
+  """Padded inputs; lse/delta f32 [B, H, Tp] (delta already includes -dlse) -> (dq, dk, dv)."""
+  batch, seq_q, heads, head_dim = q.shape
+  seq_kv, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages_bwd)
+
+  tq, tk = tiles.dq_q, tiles.dq_kv
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+  tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  row_spec = pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, meta=meta, tq=tq, tk=tk, scale=scale),
+      grid=(seq_q // tq, batch, heads),
+      in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
+                _full(arrays.kv_mask_id.shape), _full(arrays.partial_masks.shape),
+                tile_spec, kv_spec, kv_spec, tile_spec, row_spec, row_spec],
+      out_specs=tile_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dq",
+  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, arrays.partial_masks,
+    q, k, v, do, lse, delta)
+
+  tq, tk = tiles.dkv_q, tiles.dkv_kv
+  masks_t = jnp.swapaxes(arrays.partial_masks, 1, 2)  # [P, block_kv, block_q]
+  kv_tile_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, g: (b, i, g, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, meta=meta, tq=tq, tk=tk, group=group, scale=scale),
+      grid=(seq_kv // tk, batch, kv_heads),
+      in_specs=[_full(arrays.q_index.shape), _full(arrays.q_count.shape),
+                _full(arrays.q_mask_id.shape), _full(masks_t.shape), _full(q.shape),
+                kv_tile_spec, kv_tile_spec, _full(do.shape), _full(lse.shape),
+                _full(delta.shape)],
+      out_specs=[kv_tile_spec, kv_tile_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dkv",
+  )(arrays.q_index, arrays.q_count, arrays.q_mask_id, masks_t, q, k, v, do, lse, delta)
+  return dq, dk, dv
