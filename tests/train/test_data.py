@@ -1,5 +1,6 @@
 """Tests for train/corpus.py, train/data_config.py and train/data.py."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -209,6 +210,9 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
   config = _config(tmp_path, path=str(tmp_path / "docs"), seq_len=8, batch_size=1)
   real_save = np.save
   def interrupted_save(handle, array, **kwargs):
+    # Mid-write, the final name must not exist: readers see a whole entry or none.
+    assert handle.name.endswith(".tmp") and os.listdir(tmp_path / "cache") == [
+        os.path.basename(handle.name)]
     handle.write(b"\x93NUMPY partial")
     raise KeyboardInterrupt
   monkeypatch.setattr(np, "save", interrupted_save)
@@ -382,7 +386,7 @@ def test_order_is_a_function_of_the_seed(tmp_path):
   loaded, config = _small_corpus(tmp_path)
   first = _take(data.TrainBatches(loaded, config, 0, 1), 5)
   _assert_batches_equal(first, _take(data.TrainBatches(loaded, config, 0, 1), 5))
-  other = _take(data.TrainBatches(loaded, DataConfig(**{**config.__dict__, "seed": 1}), 0, 1), 5)
+  other = _take(data.TrainBatches(loaded, dataclasses.replace(config, seed=1), 0, 1), 5)
   assert not np.array_equal(first[0]["inputs"], other[0]["inputs"])
 
 
@@ -408,7 +412,7 @@ def test_resume_with_a_new_batch_size_continues_at_the_next_example(tmp_path):
   reference = np.concatenate([b["inputs"] for b in _take(data.TrainBatches(loaded, config), 12)])
   first = data.TrainBatches(loaded, config)
   _take(first, 3)
-  resumed = data.TrainBatches(loaded, DataConfig(**{**config.__dict__, "batch_size": 6}))
+  resumed = data.TrainBatches(loaded, dataclasses.replace(config, batch_size=6))
   resumed.set_state(first.get_state())
   np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in _take(resumed, 6)]),
                                 reference[12:48])
@@ -417,7 +421,7 @@ def test_resume_with_a_new_batch_size_continues_at_the_next_example(tmp_path):
 def test_set_state_rejects_another_data_order(tmp_path):
   loaded, config = _small_corpus(tmp_path)
   state = data.TrainBatches(loaded, config).get_state()
-  other_seed = data.TrainBatches(loaded, DataConfig(**{**config.__dict__, "seed": 5}))
+  other_seed = data.TrainBatches(loaded, dataclasses.replace(config, seed=5))
   with pytest.raises(ValueError, match=r"checkpoint has seed=0 but this run has 5; restore data.seed"):
     other_seed.set_state(state)
   other_corpus, other_config = _small_corpus(tmp_path, num_tokens=1200)
@@ -468,7 +472,7 @@ def test_validation_batches_are_the_first_windows_and_split_over_processes(tmp_p
   for step, batch in enumerate(batches):
     np.testing.assert_array_equal(
         np.concatenate([halves[0][step]["inputs"], halves[1][step]["inputs"]]), batch["inputs"])
-  assert data.validation_batches(loaded, DataConfig(**{**config.__dict__, "num_val_batches": 0})) == []
+  assert data.validation_batches(loaded, dataclasses.replace(config, num_val_batches=0)) == []
 
 
 # ----------------------------------------------------------------------------- global arrays
