@@ -3,7 +3,7 @@
 import dataclasses
 
 from sparseformer.models.config import ModelConfig
-from sparseformer.train.data import DataConfig
+from sparseformer.train.data_config import DataConfig
 from sparseformer.train.mesh import MeshConfig
 
 

@@ -117,3 +117,20 @@ def apply_overrides(root: Any, assignments: list[str]) -> Any:
 def to_dict(config: Any) -> dict:
   """A JSON-ready dict of a (nested) dataclass config."""
   return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+  """Rebuilds a (nested) dataclass from `to_dict` output (e.g. a run's config.json), with the same type checks."""
+  hints = typing.get_type_hints(cls)
+  known = {field.name for field in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - known)
+  if unknown:
+    raise ValueError(f"Unknown config fields {[prefix + name for name in unknown]} for {cls.__name__}.")
+  values = {}
+  for name, value in data.items():
+    annotation = hints[name]
+    if dataclasses.is_dataclass(annotation):
+      values[name] = from_dict(annotation, value, prefix + name + ".")
+    else:
+      values[name] = _coerce(value, annotation, prefix + name)
+  return cls(**values)

@@ -1,0 +1,107 @@
+"""`sparseformer` command line: train, eval, sample, experiments, show-config."""
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("multi-process (jax.distributed)")
+  group.add_argument("--coordinator", help="HOST:PORT of process 0 (or SPARSEFORMER_COORDINATOR)")
+  group.add_argument("--num-processes", type=int, help="processes in the job (or SPARSEFORMER_NUM_PROCESSES)")
+  group.add_argument("--process-id", type=int, help="this process's index (or SPARSEFORMER_PROCESS_ID)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="sparseformer", description=__doc__)
+  commands = parser.add_subparsers(dest="command", required=True)
+
+  train = commands.add_parser("train", help="train (or resume) a run")
+  train.add_argument("--experiment", default="quickstart", help="experiments/<name>.py (see `experiments`)")
+  train.add_argument("--workdir", help="run directory (default: runs/<experiment>); an existing run resumes")
+  train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set train.steps=100 --set model.dtype=bfloat16")
+  _add_distributed_flags(train)
+
+  evaluate = commands.add_parser("eval", help="validation loss and bits per byte of a run's latest checkpoint")
+  evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. --set data.num_val_batches=32 (model fields must match the run)")
+  _add_distributed_flags(evaluate)
+
+  sample = commands.add_parser("sample", help="generate text from a run's latest checkpoint")
+  sample.add_argument("--workdir", required=True)
+  sample.add_argument("--prompt", default="")
+  sample.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+  sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+  sample.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
+  sample.add_argument("--seed", type=int, default=0)
+
+  commands.add_parser("experiments", help="list experiments with their commands")
+
+  show = commands.add_parser("show-config", help="print the resolved config of an experiment as JSON")
+  show.add_argument("--experiment", default="quickstart")
+  show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  return parser
+
+
+def _resolved_config(experiment: str, assignments: list[str]):
+  from sparseformer import experiments  # pylint: disable=import-outside-toplevel
+  from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
+
+  return overrides.apply_overrides(experiments.get(experiment), assignments)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"sparseformer {args.command}: error: {error}", file=sys.stderr)
+    return 2
+  except RuntimeError as error:  # NonFiniteError, CheckpointError
+    print(f"sparseformer {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+  if args.command == "experiments":
+    from sparseformer import experiments  # pylint: disable=import-outside-toplevel
+
+    for name in experiments.names():
+      print(f"== {name}\n{experiments.describe(name)}\n")
+    return 0
+  if args.command == "show-config":
+    from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
+
+    print(json.dumps(overrides.to_dict(_resolved_config(args.experiment, args.overrides)), indent=2))
+    return 0
+
+  from sparseformer.train import distributed, trainer  # pylint: disable=import-outside-toplevel
+
+  if args.command == "train":
+    config = _resolved_config(args.experiment, args.overrides)  # config errors before any start-up cost
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    trainer.train(config, args.workdir or os.path.join("runs", args.experiment))
+    return 0
+  if args.command == "eval":
+    from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)
+    result = trainer.evaluate_workdir(config, args.workdir)
+    trainer.log(json.dumps(result))
+    return 0
+  if args.command == "sample":
+    config = trainer.load_run_config(args.workdir)
+    run = trainer.open_run(config, args.workdir, require_checkpoint=True)
+    print(trainer.sample_text(run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                              seed=args.seed))
+    run.checkpointer.close()
+    return 0
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

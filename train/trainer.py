@@ -1,0 +1,311 @@
+"""The training loop, in labelled stages: setup, mesh, data, model, restore, compile, loop, finish."""
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sparseformer.models import flops as flops_lib
+from sparseformer.train import checkpoint as checkpoint_lib
+from sparseformer.train import data as data_lib
+from sparseformer.train import metrics as metrics_lib
+from sparseformer.train import optimizer as optimizer_lib
+from sparseformer.train import overrides
+from sparseformer.train import sharding as sharding_lib
+from sparseformer.train import state as state_lib
+from sparseformer.train import step as step_lib
+from sparseformer.train import tokenizer
+from sparseformer.train.config import RunConfig
+from sparseformer.train.mesh import make_mesh
+
+# Fields a resumed run may change; any other difference from the stored config.json is an error.
+RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.progress_bar", "train.peak_flops", "train.sample_prompt",
+                     "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.")
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm became NaN/inf; the state was not updated and the last checkpoint is intact."""
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def load_run_config(workdir: str) -> RunConfig:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be the directory of a training run.")
+  with open(path, encoding="utf-8") as file:
+    return overrides.from_dict(RunConfig, json.load(file))
+
+
+def _write_config(workdir: str, config: RunConfig) -> None:
+  """Writes config.json, refusing to reuse a workdir that holds a different run."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(json.dumps(overrides.to_dict(config)))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as file:
+      old = json.load(file)
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    changed = sorted(key for key in set(old_flat) | set(new_flat) if old_flat.get(key) != new_flat.get(key)
+                     and not key.startswith(RESUMABLE_CHANGES))
+    if changed:
+      raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it with "
+                       "the same settings or use a new --workdir.")
+  if jax.process_index() == 0:
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+      json.dump(new, file, indent=2)
+    os.replace(temporary, path)
+
+
+def _check_mesh_fits(config: RunConfig, mesh: jax.sharding.Mesh) -> None:
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro_batch = config.data.batch_size // config.train.grad_accum_steps
+  if micro_batch % batch_ways:
+    raise ValueError(f"The micro-batch (data.batch_size / train.grad_accum_steps = {micro_batch}) must divide "
+                     f"over mesh.data x mesh.fsdp = {batch_ways} devices; change data.batch_size or the mesh.")
+  if "moe" in config.model.ffn_pattern and config.model.moe.num_experts % mesh.shape["expert"]:
+    raise ValueError(f"model.moe.num_experts ({config.model.moe.num_experts}) must be a multiple of mesh.expert "
+                     f"({mesh.shape['expert']}).")
+
+
+class _StopRequest:
+  """Turns SIGINT / SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second Ctrl-C aborts at once
+      raise KeyboardInterrupt
+    self.requested = True
+    log(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting.")
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+@dataclasses.dataclass
+class Run:
+  """A model restored or initialised under its mesh, with its jitted steps (shared by train, eval, sample)."""
+
+  config: RunConfig
+  workdir: str
+  mesh: jax.sharding.Mesh
+  setup: state_lib.ModelSetup
+  state: state_lib.TrainState
+  checkpointer: checkpoint_lib.Checkpointer
+  data_state: dict | None
+  batch_sharding: jax.sharding.NamedSharding
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.setup.graphdef, self.state.params, self.state.extra)
+
+
+def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = False) -> Run:
+  """Stages 1-5: workdir checks, mesh, model + optimizer + shardings, restore or init."""
+  workdir = checkpoint_lib.check_workdir(workdir)
+  mesh = make_mesh(config.mesh)
+  _check_mesh_fits(config, mesh)
+  optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params)  # noqa: E731
+  setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state = checkpointer.restore(latest, setup.abstract_state)
+    log(f"Resumed from step {latest} in {checkpointer.directory}.")
+  elif require_checkpoint:
+    raise checkpoint_lib.CheckpointError(f"No checkpoint in {checkpointer.directory}; train first.")
+  else:
+    state, data_state = state_lib.init_train_state(config.model, setup, config.train.seed), None
+  return Run(config, workdir, mesh, setup, state, checkpointer, data_state, sharding_lib.batch_sharding(mesh))
+
+
+def evaluate(run: Run, batches: list) -> dict[str, float]:
+  """Validation loss and bits per byte over `batches` (global arrays)."""
+  eval_step = jax.jit(step_lib.make_eval_step(run.setup))
+  return step_lib.summarize_eval([eval_step(run.state, batch) for batch in batches])
+
+
+def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
+  """`sparseformer eval`: validation metrics of the latest checkpoint in `workdir`."""
+  corpus = data_lib.load_corpus(config.data)
+  run = open_run(config, workdir, require_checkpoint=True)
+  try:
+    index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
+    batches = [data_lib.to_global_batch(batch, run.batch_sharding, config.data.batch_size)
+               for batch in data_lib.validation_batches(corpus, config.data, index, count)]
+    if not batches:
+      raise ValueError("The validation split holds no full batch; raise data.val_fraction or lower data.batch_size.")
+    return {"step": int(run.state.step), **evaluate(run, batches)}
+  finally:
+    run.checkpointer.close()
+
+
+def _after_optimizer_step_hook(config: RunConfig):
+  if "moe" not in config.model.ffn_pattern:
+    return None
+  from sparseformer.layers import moe  # pylint: disable=import-outside-toplevel
+
+  return moe.after_optimizer_step
+
+
+def train(config: RunConfig, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final summary. See DESIGN.md, "A training run"."""
+  # --- Setup: validate everything that can fail before any work is done.
+  workdir = checkpoint_lib.check_workdir(workdir)
+  corpus = data_lib.load_corpus(config.data)
+  _write_config(workdir, config)
+
+  # --- Mesh, model, optimizer, restore.
+  run = open_run(config, workdir)
+  index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
+  train_batches = data_lib.TrainBatches(corpus, config.data, index, count)
+  if run.data_state is not None:
+    train_batches.set_state(run.data_state)
+  val_batches = [data_lib.to_global_batch(batch, run.batch_sharding, config.data.batch_size)
+                 for batch in data_lib.validation_batches(corpus, config.data, index, count)]
+
+  # --- Compile the steps.
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  train_step = jax.jit(
+      step_lib.make_train_step(run.setup, accum_steps=config.train.grad_accum_steps, learning_rate=schedule,
+                               after_optimizer_step=_after_optimizer_step_hook(config)),
+      in_shardings=(run.setup.state_shardings, run.batch_sharding),
+      out_shardings=(run.setup.state_shardings, sharding_lib.replicated(run.mesh)), donate_argnums=0)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
+  peak_flops = config.train.peak_flops or metrics_lib.measure_matmul_peak(config.model.dtype)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  log(f"Training {config.name}: {_parameter_count(run.state):,} parameters, {jax.device_count()} device(s), "
+      f"mesh {dict(run.mesh.shape)}; data: {_describe_corpus(corpus)}")
+  log(f"Model FLOPs per token {flops_per_token:.3g}; peak {peak_flops / 1e9:.1f} GFLOP/s "
+      f"({'given' if config.train.peak_flops else 'measured matmul'}).")
+
+  # --- Loop.
+  step = int(run.state.step)
+  last_saved = step
+  progress = _progress_bar(config, step)
+  interval_start, interval_steps, first_step = time.perf_counter(), 0, True
+  summary = {}
+  try:
+    with _StopRequest() as stop:
+      while step < config.train.steps:
+        batch = data_lib.to_global_batch(next(train_batches), run.batch_sharding, config.data.batch_size)
+        run.state, step_metrics = train_step(run.state, batch)
+        if not bool(step_metrics["finite"]):
+          raise NonFiniteError(
+              f"Non-finite loss or gradient norm at step {step + 1} (loss={float(step_metrics['total_loss'])}, "
+              f"grad_norm={float(step_metrics['grad_norm'])}). Stopped without applying it; the last good "
+              f"checkpoint is step {last_saved if last_saved else 'none'} in {run.checkpointer.directory}. "
+              "Lower train.learning_rate or raise train.warmup_steps and resume.")
+        step += 1
+        if first_step:  # exclude compilation from throughput
+          first_step, interval_start = False, time.perf_counter()
+        else:
+          interval_steps += 1
+        if progress is not None:
+          progress.update(1)
+        if step % config.train.log_every == 0:
+          logged = {name: value for name, value in step_metrics.items() if name != "finite"}
+          logged["epoch"] = train_batches.epoch
+          if interval_steps:
+            tokens_per_second = interval_steps * tokens_per_step / (time.perf_counter() - interval_start)
+            logged.update(tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_per_token / peak_flops)
+          writer.write(step, logged, prefix="train/")
+          if progress is not None:
+            progress.set_postfix(loss=f"{float(logged['loss']):.3f}",
+                                 tok_s=f"{logged.get('tokens_per_second', 0):,.0f}", mfu=f"{logged.get('mfu', 0):.0%}")
+          interval_start, interval_steps = time.perf_counter(), 0
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+          summary = evaluate(run, val_batches) if val_batches else {}
+          writer.write(step, summary, prefix="eval/")
+          interval_start, interval_steps = time.perf_counter(), 0
+        if step % config.train.checkpoint_every == 0 or stop.requested:
+          run.checkpointer.save(step, run.state, train_batches.get_state(), wait=stop.requested)
+          last_saved = step
+        if stop.requested:
+          log(f"Stopped at step {step}; checkpoint saved in {run.checkpointer.directory}. "
+              "Run the same command again to resume.")
+          return {"step": step, "interrupted": True}
+
+    # --- Finish: final checkpoint, evaluation, sample.
+    if last_saved != step or run.checkpointer.latest_step() != step:
+      run.checkpointer.save(step, run.state, train_batches.get_state())
+    if val_batches:
+      summary = evaluate(run, val_batches)
+      writer.write(step, summary, prefix="eval/")
+      log(f"Validation at step {step}: loss {summary['loss']:.4f} nats/token, "
+          f"{summary['bits_per_byte']:.4f} bits per byte.")
+    if config.train.sample_tokens:
+      text = sample_text(run, config.train.sample_prompt, config.train.sample_tokens)
+      log(f"Sample (prompt {config.train.sample_prompt!r}, temperature 0.8):\n{text}\n")
+  finally:
+    if progress is not None:
+      progress.close()
+    run.checkpointer.close()
+    writer.close()
+  log(f"Logs: {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}; "
+      f"checkpoints: {run.checkpointer.directory}")
+  return {"step": step, **summary}
+
+
+def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 0.8, top_k: int = 0,
+                seed: int = 0) -> str:
+  from sparseformer.train.sample import sample_tokens  # pylint: disable=import-outside-toplevel
+
+  prompt_ids = tokenizer.encode(prompt)
+  ids = sample_tokens(run.model(), prompt_ids, num_tokens=num_tokens, window=run.config.data.seq_len,
+                      temperature=temperature, top_k=top_k, seed=seed)
+  return tokenizer.decode(ids)
+
+
+def _describe_corpus(corpus) -> str:
+  meta = corpus.metadata
+  source = meta.get("source", "?")
+  if "python_version" in meta:
+    source += f" (Python {meta['python_version']})"
+  return f"{source}, {corpus.train_tokens.size:,} train / {corpus.val_tokens.size:,} validation tokens"
+
+
+def _parameter_count(state: state_lib.TrainState) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
+
+
+def _progress_bar(config: RunConfig, step: int):
+  if not config.train.progress_bar or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=config.train.steps, initial=step, desc="train", unit="step", file=sys.stdout,
+              dynamic_ncols=True)
