@@ -77,6 +77,17 @@ class Tiles:
   num_stages_bwd: int
 
 
+def div(x, n: int):
+  """x // n for a non-negative traced int and a static n (lax.div: jnp's floor semantics emit a
+  sign op that the Triton and Mosaic lowerings reject or do not need)."""
+  return x if n == 1 else lax.div(x, n)
+
+
+def rem(x, n: int):
+  """x % n for a non-negative traced int and a static n (see `div`)."""
+  return 0 if n == 1 else lax.rem(x, n)
+
+
 def _is_pow2(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 

@@ -34,9 +34,7 @@ def _full(shape) -> pl.BlockSpec:
 
 def _split(index, sub: int, tile: int):
   """Program/loop index over tiles -> (layout block, row offset inside the block)."""
-  if sub == 1:
-    return index, 0
-  return index // sub, (index % sub) * tile
+  return common.div(index, sub), common.rem(index, sub) * tile
 
 
 def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
@@ -72,7 +70,7 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
   tq, tk = tiles.fwd_q, tiles.fwd_kv
   kernel = functools.partial(_fwd_kernel, meta=meta, tq=tq, tk=tk,
                              scale_log2=scale * common.LOG2E)
-  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
   return pl.pallas_call(
       kernel,
@@ -160,7 +158,7 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages_bwd)
 
   tq, tk = tiles.dq_q, tiles.dq_kv
-  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
   row_spec = pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))
   dq = pl.pallas_call(

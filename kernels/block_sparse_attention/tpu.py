@@ -74,7 +74,7 @@ def _row_maps(meta: LayoutMeta, group: int, index_ref_pos: int):
     return b, h, i, 0
 
   def kv_map(b, h, i, j, *refs):
-    return b, h // group, refs[index_ref_pos][flat(h, i, j)], 0
+    return b, common.div(h, group), refs[index_ref_pos][flat(h, i, j)], 0
 
   def mask_map(b, h, i, j, *refs):
     return jnp.maximum(refs[2][flat(h, i, j)], 0), 0, 0
@@ -147,8 +147,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, q_ref, k_ref, v_ref, do
                 delta_ref, mask_t_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, meta: LayoutMeta,
                 group: int, scale: float):
   kv_head, kv_block, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  h = kv_head * group + t // meta.max_q
-  j = t % meta.max_q
+  h = kv_head * group + common.div(t, meta.max_q)
+  j = common.rem(t, meta.max_q)
   row = (h if meta.layout_heads > 1 else 0) * meta.num_kv_blocks + kv_block
 
   @pl.when(t == 0)
@@ -209,9 +209,9 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
     qh, kh, vh, doh, lanes(lse), lanes(delta), arrays.partial_masks)
 
   def flat(kv_head, kv_block, t):
-    h = kv_head * group + t // meta.max_q
+    h = kv_head * group + common.div(t, meta.max_q)
     row = (h if meta.layout_heads > 1 else 0) * meta.num_kv_blocks + kv_block
-    return h, row * meta.max_q + t % meta.max_q
+    return h, row * meta.max_q + common.rem(t, meta.max_q)
 
   def kv_map_t(b, kv_head, kv_block, t, *refs):
     return b, kv_head, kv_block, 0
