@@ -200,13 +200,13 @@ def _load_cached(cache_dir: str, key: str):
   try:
     with open(manifest_path, encoding="utf-8") as handle:
       manifest = json.load(handle)
-    tokens = np.load(tokens_path)
-  except (OSError, ValueError, EOFError):
+    tokens = np.load(tokens_path, allow_pickle=False)
+    complete = (manifest["format"] == CACHE_FORMAT and tokens.dtype == np.uint16 and
+                tokens.ndim == 1 and tokens.size == manifest["bounds"][-1] and
+                len(manifest["bounds"]) == len(manifest["names"]) + 1)
+  except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError):
     return None
-  if (manifest.get("format") != CACHE_FORMAT or tokens.dtype != np.uint16 or tokens.ndim != 1 or
-      tokens.size != manifest["bounds"][-1]):
-    return None
-  return tokens, manifest
+  return (tokens, manifest) if complete else None
 
 
 def _save_cached(cache_dir: str, key: str, tokens: np.ndarray, manifest: dict) -> str | None:

@@ -233,6 +233,12 @@ def test_corrupt_cache_is_rebuilt_and_unwritable_cache_is_skipped(tmp_path):
   again = data.load_corpus(config)
   assert again.metadata["cache"] == "miss"
   np.testing.assert_array_equal(first.train_tokens, again.train_tokens)
+  for garbage in ('{"format": 1', '{"format": 1, "bounds": [0, 5], "names": []}'):
+    with open(first.metadata["cache_path"][:-4] + ".json", "w") as handle:
+      handle.write(garbage)
+    again = data.load_corpus(config)
+    assert again.metadata["cache"] == "miss"
+    np.testing.assert_array_equal(first.train_tokens, again.train_tokens)
   (tmp_path / "a_file").write_bytes(b"x")
   blocked = _config(tmp_path, path=str(tmp_path / "docs"), seq_len=8, batch_size=1,
                     cache_dir=str(tmp_path / "a_file" / "cache"))
