@@ -235,7 +235,7 @@ def _document_corpus(config: DataConfig) -> tuple[np.ndarray, dict, dict]:
     extra = {"python": sys.version, "implementation": platform.python_implementation()}
     key_prefix = f"stdlib-py{platform.python_version()}"
   else:
-    root, files = text_files(config.path)
+    root, files = text_files(os.path.expanduser(config.path))
     extra = {}
     key_prefix = "text"
   if not files:
@@ -290,7 +290,7 @@ def _split_tail(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np
 
 def _open_memmap(config: DataConfig) -> tuple[np.ndarray, dict]:
   """The token file as a read-only memmap, validated (ids in range, 1-D, integer)."""
-  path = config.path
+  path = os.path.expanduser(config.path)  # `--set data.path=~/x` reaches us unexpanded
   if path.endswith(".npy"):
     try:
       tokens = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -346,7 +346,7 @@ def load_corpus(config: DataConfig) -> Corpus:
   """
   started = time.perf_counter()
   source = config.resolved_source
-  if source != "stdlib" and not os.path.exists(config.path):
+  if source != "stdlib" and not os.path.exists(os.path.expanduser(config.path)):
     raise ValueError(f"data.path={config.path!r} does not exist; set data.path to an existing "
                      f"{'text file or directory' if source == 'text' else 'token file'}.")
   metadata: dict[str, Any] = {

@@ -294,3 +294,11 @@ def test_bad_corpora_raise_before_any_work(tmp_path):
     overrides.setdefault("batch_size", 1)
     with pytest.raises(ValueError, match=message):
       data.load_corpus(_config(tmp_path, **overrides))
+
+
+def test_path_with_home_is_expanded(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "notes.txt").write_bytes(b"some text " * 50)
+  loaded = data.load_corpus(_config(tmp_path, path="~/notes.txt", seq_len=8, batch_size=1,
+                                    num_val_batches=0))
+  assert loaded.train_tokens.size + loaded.val_tokens.size == 501
