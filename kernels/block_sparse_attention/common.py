@@ -56,7 +56,7 @@ class BlockSizes:
   block_q_dkv: int | None = None  # dK/dV kernel: query rows per inner-loop step
   block_kv_dkv: int | None = None  # dK/dV kernel: key rows per program
   num_warps: int | None = None  # GPU forward warps (None: 4 if tile*head_dim small else 8)
-  num_stages: int = 2  # GPU forward software-pipelining stages
+  num_stages: int = 3  # GPU forward software-pipelining stages
   num_warps_bwd: int | None = None  # GPU backward warps (None: like num_warps)
   num_stages_bwd: int = 2  # GPU backward pipelining stages
 
@@ -104,7 +104,7 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
     # Tuned for D=128 bf16 on H100-class GPUs (see docs/benchmarks/attention_gpu.md).
     defaults = dict(block_q=min(layout_block_q, 128), block_kv=min(layout_block_kv, 64),
                     block_q_dq=min(layout_block_q, 128), block_kv_dq=min(layout_block_kv, 64),
-                    block_q_dkv=min(layout_block_q, 64), block_kv_dkv=min(layout_block_kv, 128))
+                    block_q_dkv=min(layout_block_q, 64), block_kv_dkv=min(layout_block_kv, 64))
   values = {f: getattr(sizes, f) if getattr(sizes, f) is not None else d for f, d in defaults.items()}
   for field, value in values.items():
     layout_block = layout_block_q if "_q" in field else layout_block_kv

@@ -37,9 +37,25 @@ def _split(index, sub: int, tile: int):
   return common.div(index, sub), common.rem(index, sub) * tile
 
 
+def _query_tile(meta: LayoutMeta, tq: int):
+  """Query tile of this program. Reversed launch order: for causal-like layouts the last query
+  tiles have the longest block lists, and starting them first shortens the tail of the grid."""
+  return meta.num_q_blocks * (meta.block_q // tq) - 1 - pl.program_id(0)
+
+
+def _reversed_tile_map(num_tiles: int):
+  """BlockSpec index map of a query tile over [B, Tp, H, D] matching `_query_tile`."""
+  return lambda i, b, h: (b, num_tiles - 1 - i, h, 0)
+
+
+def _reversed_row_map(num_tiles: int):
+  """BlockSpec index map of a query tile over [B, H, Tp] (lse, delta) matching `_query_tile`."""
+  return lambda i, b, h: (b, h, num_tiles - 1 - i)
+
+
 def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, *, meta: LayoutMeta, tq: int, tk: int, scale_log2: float):
-  i, h = pl.program_id(0), pl.program_id(2)
+  i, h = _query_tile(meta, tq), pl.program_id(2)
   hl = h if meta.layout_heads > 1 else 0
   q_block, q_off = _split(i, meta.block_q // tq, tq)
   kv_sub = meta.block_kv // tk
@@ -71,14 +87,14 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
   kernel = functools.partial(_fwd_kernel, meta=meta, tq=tq, tk=tk,
                              scale_log2=scale * common.LOG2E)
   kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
-  tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   return pl.pallas_call(
       kernel,
       grid=(seq_q // tq, batch, heads),
       in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
                 _full(arrays.kv_mask_id.shape), _full(arrays.partial_masks.shape),
                 tile_spec, kv_spec, kv_spec],
-      out_specs=[tile_spec, pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))],
+      out_specs=[tile_spec, pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
@@ -91,7 +107,7 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
 def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tq: int, tk: int,
                scale: float):
-  i, h = pl.program_id(0), pl.program_id(2)
+  i, h = _query_tile(meta, tq), pl.program_id(2)
   hl = h if meta.layout_heads > 1 else 0
   q_block, q_off = _split(i, meta.block_q // tq, tq)
   kv_sub = meta.block_kv // tk
@@ -159,8 +175,8 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
 
   tq, tk = tiles.dq_q, tiles.dq_kv
   kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
-  tile_spec = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  row_spec = pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))
+  tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
+  row_spec = pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, meta=meta, tq=tq, tk=tk, scale=scale),
       grid=(seq_q // tq, batch, heads),

@@ -1,0 +1,135 @@
+"""Cross-lowering of the block-sparse attention kernels on the CPU machine.
+
+`jax.jit(f).trace(*shapes).lower(lowering_platforms=(platform,))` runs the Pallas -> Triton IR
+(cuda) and Pallas -> Mosaic (tpu) lowerings without a device, so lowering errors (unsupported
+ops, block-shape rules, index-map types) show up here rather than on the GPU/TPU machine. It does
+not run the Triton/Mosaic compilers (register or shared-memory limits are only seen on device).
+
+The cuda cases are exactly the kernel calls of benchmarks/attention_gpu.py (`FULL` settings:
+every sequence length and layout, the GQA correctness case and the tile-sweep candidates), so the
+one GPU run does not fail on a lowering error. Lowering the fwd+bwd program covers all three
+kernels (forward, dQ, dK/dV).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sparseformer.benchmarks import attention_gpu as bench
+from sparseformer.kernels.block_sparse_attention import BlockSizes, block_sparse_attention
+from sparseformer.layers import layout_builders as lb
+from sparseformer.layers import layouts
+
+CFG = bench.FULL
+
+
+def lower(fn, shapes, platform: str) -> str:
+  lowered = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,))
+  return lowered.as_text()
+
+
+def shapes(seq, batch, heads, kv_heads, dim, dtype, with_cotangent=True):
+  q = jax.ShapeDtypeStruct((batch, seq, heads, dim), dtype)
+  kv = jax.ShapeDtypeStruct((batch, seq, kv_heads, dim), dtype)
+  return (q, kv, kv, q) if with_cotangent else (q, kv, kv)
+
+
+def _kernel_calls(text: str, platform: str) -> int:
+  target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+  return text.count(target)
+
+
+BENCH_CASES = [(seq, name) for seq in CFG.seq_lens for name in CFG.layout_names]
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(name, seq):
+  return bench.make_layout(CFG, name, seq)
+
+
+@pytest.mark.parametrize("seq, name", BENCH_CASES, ids=[f"{n}-{s}" for s, n in BENCH_CASES])
+def test_benchmark_kernels_lower_for_cuda(seq, name):
+  fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout(name, seq)))
+  text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
+                          CFG.dtype), "cuda")
+  assert _kernel_calls(text, "cuda") == 3  # forward, dQ, dK/dV
+
+
+def test_benchmark_correctness_case_lowers_for_cuda():
+  layout = _layout("local_1k", CFG.check_seq)
+  fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, layout))
+  text = lower(fn, shapes(CFG.check_seq, 1, CFG.heads, CFG.check_gqa_kv_heads, CFG.head_dim,
+                          CFG.dtype), "cuda")
+  assert _kernel_calls(text, "cuda") == 3
+
+
+@pytest.mark.parametrize("sizes", bench.SWEEP_FWD + bench.SWEEP_BWD, ids=lambda s: str(
+    {k: v for k, v in s.__dict__.items() if v is not None}).replace(" ", ""))
+def test_sweep_candidates_lower_for_cuda(sizes):
+  seq = CFG.sweep_seq
+  fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout("causal", seq), sizes))
+  text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
+                          CFG.dtype), "cuda")
+  assert _kernel_calls(text, "cuda") == 3
+
+
+def test_pallas_mha_baseline_lowers_for_cuda():
+  seq = CFG.seq_lens[0]
+  fn = bench.pallas_mha_fn(CFG)
+  assert fn is not None
+  text = lower(bench.fwd_bwd_fn(fn), shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads,
+                                            CFG.head_dim, CFG.dtype), "cuda")
+  assert _kernel_calls(text, "cuda") >= 2
+
+
+# Beyond the benchmark: dtypes, head dims, GQA, per-head layouts, padding, sub-tiles.
+MIXTURE = layouts.per_head([lb.sliding_window(1000, block_q=128, left=300),
+                            lb.dense(1000, block_q=128),
+                            lb.strided(1000, block_q=128, stride=200),
+                            lb.bigbird(1000, block_q=128, left=200, num_global=64,
+                                       num_random_blocks=2)])
+EXTRA_CASES = {
+    "f32_d64_gqa_mixture_padded": (MIXTURE, 4, 2, 64, jnp.float32, None),
+    "bf16_d128_mqa_subtiles": (lb.dense(1024, block_q=128, causal=False), 4, 1, 128,
+                               jnp.bfloat16, BlockSizes(block_q=32, block_kv=32, block_q_dq=64,
+                                                        block_kv_dq=32, block_q_dkv=32,
+                                                        block_kv_dkv=64)),
+    "f16_d64_local": (lb.sliding_window(1024, block_q=128, left=200), 2, 2, 64, jnp.float16,
+                      BlockSizes(block_q=64, block_kv=64)),
+}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("case", sorted(EXTRA_CASES))
+def test_kernels_lower(case, platform):
+  layout, heads, kv_heads, dim, dtype, sizes = EXTRA_CASES[case]
+  if platform == "tpu":
+    sizes = None  # the TPU kernels tile by layout blocks
+  kernel = functools.partial(block_sparse_attention, layout=layout, interpret=False,
+                             block_sizes=sizes, platform="gpu" if platform == "cuda" else "tpu")
+  text = lower(bench.fwd_bwd_fn(kernel), shapes(layout.seq_q, 2, heads, kv_heads, dim, dtype),
+               platform)
+  assert _kernel_calls(text, platform) == 3
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_traced_layout_lowers(platform):
+  """kv lists as jit arguments (routed attention): the on-device transposition lowers too."""
+  layout = lb.sliding_window(1024, block_q=128, left=300)
+
+  def fn(q, k, v, d_out, kv_index, kv_count, kv_mask_id):
+    routed = type("Routed", (), dict(seq_q=1024, seq_kv=1024, block_q=128, block_kv=128,
+                                     kv_index=kv_index, kv_count=kv_count, kv_mask_id=kv_mask_id,
+                                     partial_masks=layout.partial_masks))
+    attention = lambda q, k, v: block_sparse_attention(
+        q, k, v, routed, interpret=False, platform="gpu" if platform == "cuda" else "tpu")
+    return bench.fwd_bwd_fn(attention)(q, k, v, d_out)
+
+  ints = [jax.ShapeDtypeStruct(x.shape, jnp.int32)
+          for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id)]
+  text = lower(fn, (*shapes(1024, 1, 4, 2, 128, jnp.bfloat16), *ints), platform)
+  assert _kernel_calls(text, platform) == 3
