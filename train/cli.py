@@ -83,7 +83,11 @@ def _run(args: argparse.Namespace) -> int:
   if args.command == "train":
     config = _resolved_config(args.experiment, args.overrides)  # config errors before any start-up cost
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    trainer.train(config, args.workdir or os.path.join("runs", args.experiment))
+    summary = trainer.train(config, args.workdir or os.path.join("runs", args.experiment))
+    if distributed.is_multiprocess():  # every process reports, so a launcher can check that they agree
+      import jax  # pylint: disable=import-outside-toplevel
+
+      print(f"[process {jax.process_index()}/{jax.process_count()}] summary {json.dumps(summary)}", flush=True)
     return 0
   if args.command == "eval":
     from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel

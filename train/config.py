@@ -12,6 +12,7 @@ class TrainConfig:
   """Optimisation, logging, evaluation and checkpointing of a run."""
 
   steps: int = 1000  # optimizer steps in the whole run (a resumed run continues up to this)
+  stop_at_step: int = 0  # stop early with a checkpoint, as if interrupted (time-sliced jobs); 0 = never
   learning_rate: float = 3e-3  # peak learning rate after warmup
   warmup_steps: int = 100  # linear warmup from 0
   min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
@@ -36,6 +37,8 @@ class TrainConfig:
     for name in ("steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
+    if self.stop_at_step < 0:
+      raise ValueError(f"train.stop_at_step must be >= 0 (0 = never), got {self.stop_at_step}.")
     if self.learning_rate <= 0:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}.")
     if not 0 <= self.min_lr_ratio <= 1:

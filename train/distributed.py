@@ -30,3 +30,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
   return jax.process_count() > 1
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1

@@ -80,38 +80,36 @@ def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
   raise ValueError(f"{dotted}: cannot set a field of type {annotation} from the command line.")
 
 
-def apply_override(root: Any, dotted: str, raw_value: str) -> Any:
-  """Returns a copy of the dataclass `root` with the field at `dotted` replaced by the parsed value."""
+def _set_in_dict(root: Any, values: dict, dotted: str, raw_value: str) -> None:
+  """Parses `raw_value` for the field at `dotted` of `root`'s type and stores it in the nested dict `values`."""
   path = dotted.split(".")
-
-  def replace(config: Any, depth: int) -> Any:
-    if not dataclasses.is_dataclass(config):
+  config_type = type(root)
+  for depth, name in enumerate(path):
+    if not dataclasses.is_dataclass(config_type) or name not in {f.name for f in dataclasses.fields(config_type)}:
       raise _unknown_field_error(root, dotted)
-    fields = {field.name: field for field in dataclasses.fields(config)}
-    name = path[depth]
-    if name not in fields:
-      raise _unknown_field_error(root, dotted)
-    if depth == len(path) - 1:
-      annotation = typing.get_type_hints(type(config))[name]
-      if dataclasses.is_dataclass(getattr(config, name)):
-        raise ValueError(f"{dotted} is a group of settings; set one of its fields, e.g. {dotted}."
-                         f"{dataclasses.fields(getattr(config, name))[0].name}=...")
-      value = _coerce(_parse_literal(raw_value), annotation, dotted)
-    else:
-      value = replace(getattr(config, name), depth + 1)
-    return dataclasses.replace(config, **{name: value})
-
-  return replace(root, 0)
+    annotation = typing.get_type_hints(config_type)[name]
+    if depth < len(path) - 1:
+      config_type, values = annotation, values[name]
+      continue
+    if dataclasses.is_dataclass(annotation):
+      raise ValueError(f"{dotted} is a group of settings; set one of its fields, e.g. {dotted}."
+                       f"{dataclasses.fields(annotation)[0].name}=...")
+    values[name] = _coerce(_parse_literal(raw_value), annotation, dotted)
 
 
 def apply_overrides(root: Any, assignments: list[str]) -> Any:
-  """Applies `key=value` strings in order; every error names the field."""
+  """Returns a copy of the dataclass `root` with `key=value` assignments applied.
+
+  Every value is type-checked against its field, then the config is rebuilt once, so the order of the
+  assignments never matters for validation (e.g. `model.d_model=32 model.num_heads=2`).
+  """
+  values = to_dict(root)
   for assignment in assignments:
     if "=" not in assignment:
       raise ValueError(f"--set expects key=value, got {assignment!r} (e.g. --set train.steps=100).")
     key, raw_value = assignment.split("=", 1)
-    root = apply_override(root, key.strip(), raw_value.strip())
-  return root
+    _set_in_dict(root, values, key.strip(), raw_value.strip())
+  return from_dict(type(root), values)
 
 
 def to_dict(config: Any) -> dict:

@@ -25,7 +25,7 @@ from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
 
 # Fields a resumed run may change; any other difference from the stored config.json is an error.
-RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress_bar", "train.peak_flops", "train.sample_prompt",
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.")
 
@@ -132,10 +132,11 @@ class Run:
     return nnx.merge(self.setup.graphdef, self.state.params, self.state.extra)
 
 
-def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = False) -> Run:
-  """Stages 1-5: workdir checks, mesh, model + optimizer + shardings, restore or init."""
+def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = False, devices: list | None = None
+             ) -> Run:
+  """Stages 1-5: workdir checks, mesh (over `devices`, default all), model + optimizer + shardings, restore or init."""
   workdir = checkpoint_lib.check_workdir(workdir)
-  mesh = make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh, devices)
   _check_mesh_fits(config, mesh)
   optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params)  # noqa: E731
   setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
@@ -180,7 +181,7 @@ def _after_optimizer_step_hook(config: RunConfig):
   return moe.after_optimizer_step
 
 
-def train(config: RunConfig, workdir: str) -> dict:
+def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final summary. See DESIGN.md, "A training run"."""
   # --- Setup: validate everything that can fail before any work is done.
   workdir = checkpoint_lib.check_workdir(workdir)
@@ -188,7 +189,7 @@ def train(config: RunConfig, workdir: str) -> dict:
   _write_config(workdir, config)
 
   # --- Mesh, model, optimizer, restore.
-  run = open_run(config, workdir)
+  run = open_run(config, workdir, devices=devices)
   index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
   train_batches = data_lib.TrainBatches(corpus, config.data, index, count)
   if run.data_state is not None:
@@ -217,7 +218,7 @@ def train(config: RunConfig, workdir: str) -> dict:
   last_saved = step
   progress = _progress_bar(config, step)
   interval_start, interval_steps, first_step = time.perf_counter(), 0, True
-  summary = {}
+  summary, last_loss = {}, float("nan")
   try:
     with _StopRequest() as stop:
       while step < config.train.steps:
@@ -230,6 +231,7 @@ def train(config: RunConfig, workdir: str) -> dict:
               f"checkpoint is step {last_saved if last_saved else 'none'} in {run.checkpointer.directory}. "
               "Lower train.learning_rate or raise train.warmup_steps and resume.")
         step += 1
+        last_loss = float(step_metrics["loss"])
         if first_step:  # exclude compilation from throughput
           first_step, interval_start = False, time.perf_counter()
         else:
@@ -251,13 +253,16 @@ def train(config: RunConfig, workdir: str) -> dict:
           summary = evaluate(run, val_batches) if val_batches else {}
           writer.write(step, summary, prefix="eval/")
           interval_start, interval_steps = time.perf_counter(), 0
+        if step == config.train.stop_at_step:
+          stop.requested = True
+          log(f"Reached train.stop_at_step={step}.")
         if step % config.train.checkpoint_every == 0 or stop.requested:
           run.checkpointer.save(step, run.state, train_batches.get_state(), wait=stop.requested)
           last_saved = step
         if stop.requested:
           log(f"Stopped at step {step}; checkpoint saved in {run.checkpointer.directory}. "
               "Run the same command again to resume.")
-          return {"step": step, "interrupted": True}
+          return {"step": step, "train_loss": last_loss, "interrupted": True}
 
     # --- Finish: final checkpoint, evaluation, sample.
     if last_saved != step or run.checkpointer.latest_step() != step:
@@ -277,7 +282,7 @@ def train(config: RunConfig, workdir: str) -> dict:
     writer.close()
   log(f"Logs: {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}; "
       f"checkpoints: {run.checkpointer.directory}")
-  return {"step": step, **summary}
+  return {"step": step, "train_loss": last_loss, **summary}
 
 
 def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 0.8, top_k: int = 0,
