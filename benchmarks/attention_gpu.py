@@ -151,7 +151,8 @@ def pallas_mha_fn(cfg: Settings):
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
   except ImportError:
     return None
-  blocks = pallas_attention.BlockSizes(**{k: min(v, cfg.layout_block) for k, v in MHA_BLOCKS.items()})
+  blocks = {k: min(v, cfg.layout_block) for k, v in MHA_BLOCKS.items()}
+  blocks = pallas_attention.BlockSizes(**blocks)
   return lambda q, k, v: pallas_attention.mha(q, k, v, None, sm_scale=cfg.head_dim**-0.5,
                                               causal=True, block_sizes=blocks,
                                               interpret=cfg.interpret)
@@ -255,7 +256,7 @@ def _time_case(record: dict, attention, q, k, v, d_out, flops_fwd: float) -> Non
         flops = flops_fwd
       else:
         ms, compile_s = time_ms(jax.jit(fwd_bwd_fn(attention)), (q, k, v, d_out))
-        flops = 3.5 * flops_fwd  # backward = 2.5x forward (5 vs 2 matmuls), FlashAttention convention
+        flops = 3.5 * flops_fwd  # backward = 2.5x forward (5 vs 2 matmuls), FlashAttention rule
       record[f"{mode}_ms"] = ms
       record[f"{mode}_tflops"] = flops / (ms * 1e-3) / 1e12
       record[f"{mode}_compile_s"] = compile_s
@@ -370,9 +371,10 @@ def write_report(out_dir: str, report: dict) -> None:
       f"Inputs {cfg['dtype']}, H = {cfg['heads']} (MHA), D = {cfg['head_dim']}, batch = "
       f"{cfg['tokens_per_step']} / T, layout blocks {cfg['layout_block']}; kernel tiles: the "
       "defaults of `common.resolve_tiles`. Times are medians over 5 windows of back-to-back calls. "
-      "Effective TFLOP/s count only the visited (query, key) blocks (4·pairs·D forward, 3.5x that "
-      "for forward+backward); cuDNN and Pallas `mha` count the causal half. `bound` = 1 / density "
-      "relative to dense causal; `of bound` = (speedup vs cuDNN dense causal) / bound.", "",
+      "Effective TFLOP/s count only the visited (query, key) blocks (4·pairs·D forward, 3.5x "
+      "that for forward+backward); cuDNN and Pallas `mha` count the causal half. `bound` = "
+      "1 / density relative to dense causal; `of bound` = (speedup vs cuDNN dense causal) / bound. "
+      "`cudnn_window` is cuDNN's own causal sliding window (same mask as local_2k).", "",
       f"## Correctness (T = {cfg['check_seq']}, compiled kernel vs `reference` in f32)", "",
       "| layout | kv heads | out | dq | dk | dv | ok |", "|---|---|---|---|---|---|---|"]
   for r in report["correctness"]:
@@ -382,7 +384,8 @@ def write_report(out_dir: str, report: dict) -> None:
       lines.append(f"| {r['layout']} | {r['kv_heads']} | " + " | ".join(
           _fmt(r[f"{p}_rel_err"], ".1e") for p in ("out", "dq", "dk", "dv"))
           + f" | {'yes' if r['ok'] else 'NO'} |")
-  lines += ["", f"Errors: max |kernel - reference| / max |reference| (kernel in {cfg['dtype']}).", "",
+  lines += ["", "Errors: max |kernel - reference| / max |reference| "
+            f"(kernel in {cfg['dtype']}).", "",
             "## Timings", "",
             "| T | impl | layout | bound | fwd ms | fwd TF/s | fwd speedup | fwd of bound "
             "| fwd+bwd ms | fwd+bwd TF/s | fwd+bwd speedup | fwd+bwd of bound |",

@@ -105,7 +105,7 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
     defaults = dict(block_q=min(layout_block_q, 128), block_kv=min(layout_block_kv, 64),
                     block_q_dq=min(layout_block_q, 128), block_kv_dq=min(layout_block_kv, 64),
                     block_q_dkv=min(layout_block_q, 64), block_kv_dkv=min(layout_block_kv, 64))
-  values = {f: getattr(sizes, f) if getattr(sizes, f) is not None else d for f, d in defaults.items()}
+  values = {f: d if getattr(sizes, f) is None else getattr(sizes, f) for f, d in defaults.items()}
   for field, value in values.items():
     layout_block = layout_block_q if "_q" in field else layout_block_kv
     layout_name = "layout.block_q" if "_q" in field else "layout.block_kv"
@@ -227,7 +227,8 @@ def layout_to_arrays(layout: Any, num_heads: int) -> tuple[LayoutArrays, LayoutM
   if kv_mask_id.shape != kv_index.shape:
     raise ValueError(f"layout.kv_mask_id {kv_mask_id.shape} must match kv_index {kv_index.shape}.")
   if hl not in (1, num_heads):
-    raise ValueError(f"layout has {hl} head rows; it must have 1 (shared) or num_heads={num_heads}.")
+    raise ValueError(f"layout has {hl} head rows; it must have 1 (shared) or "
+                     f"num_heads={num_heads}.")
   if partial_masks.ndim != 3 or partial_masks.shape[1:] != (block_q, block_kv):
     raise ValueError(f"layout.partial_masks {partial_masks.shape} must be [P, {block_q}, "
                      f"{block_kv}].")

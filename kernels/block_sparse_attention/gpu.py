@@ -53,6 +53,11 @@ def _reversed_row_map(num_tiles: int):
   return lambda i, b, h: (b, h, num_tiles - 1 - i)
 
 
+def _kv_head_map(group: int):
+  """BlockSpec index map of a query program's whole K or V sequence: kv head h // group (GQA)."""
+  return lambda i, b, h: (b, 0, common.div(h, group), 0)
+
+
 def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, *, meta: LayoutMeta, tq: int, tk: int, scale_log2: float):
   i, h = _query_tile(meta, tq), pl.program_id(2)
@@ -86,7 +91,7 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
   tq, tk = tiles.fwd_q, tiles.fwd_kv
   kernel = functools.partial(_fwd_kernel, meta=meta, tq=tq, tk=tk,
                              scale_log2=scale * common.LOG2E)
-  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), _kv_head_map(group))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   return pl.pallas_call(
       kernel,
@@ -174,7 +179,7 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages_bwd)
 
   tq, tk = tiles.dq_q, tiles.dq_kv
-  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), lambda i, b, h: (b, 0, common.div(h, group), 0))
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), _kv_head_map(group))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   row_spec = pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))
   dq = pl.pallas_call(

@@ -188,7 +188,8 @@ def test_transpose_block_lists_matches_host(layout):
   # Padding rule: entries past the count repeat the last valid id (0 when empty).
   last = np.take_along_axis(q_index, np.maximum(q_count - 1, 0)[..., None], -1)
   pad = np.where(q_count[..., None] > 0, last, 0)
-  assert (np.where(~(np.arange(q_index.shape[-1]) < q_count[..., None]), q_index == pad, True)).all()
+  padding = np.arange(q_index.shape[-1]) >= q_count[..., None]
+  assert np.where(padding, q_index == pad, True).all()
 
 
 def test_interpret_outputs_start_poisoned():
