@@ -1,0 +1,208 @@
+"""`xla` backend against the dense `reference` (values and dq/dk/dv), plus an independent oracle."""
+
+import functools
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparseformer.layers import layout_builders as lb
+from sparseformer.layers import layouts
+from sparseformer.layers import sparse_attention as sa
+
+TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 2e-2)}  # (values, grads), abs and rel
+
+
+def random_inputs(seed, batch, seq_q, seq_kv, heads, kv_heads, dim, dtype):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, seq_q, heads, dim), jnp.float32)
+  k = jax.random.normal(keys[1], (batch, seq_kv, kv_heads, dim), jnp.float32)
+  v = jax.random.normal(keys[2], (batch, seq_kv, kv_heads, dim), jnp.float32)
+  cotangent = jax.random.normal(keys[3], (batch, seq_q, heads, dim), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), cotangent
+
+
+_reference = jax.jit(sa.masked_attention)  # the mask is an operand: one compile per shape, not per layout
+
+
+def values_and_grads(backend, q, k, v, cotangent, layout):
+  if backend == "reference":
+    mask = jnp.asarray(layout.to_token_mask())
+    fn = lambda q, k, v: _reference(q, k, v, mask)
+  else:
+    fn = jax.jit(functools.partial(sa.attend, layout=layout, backend=backend))
+  out, vjp = jax.vjp(fn, q, k, v)
+  grads = vjp(cotangent.astype(out.dtype))
+  return [np.asarray(x.astype(jnp.float32)) for x in (out, *grads)]
+
+
+def assert_matches_reference(layout, *, heads=4, kv_heads=2, dim=16, batch=2, dtype=jnp.float32, seed=0):
+  q, k, v, cotangent = random_inputs(seed, batch, layout.seq_q, layout.seq_kv, heads, kv_heads, dim, dtype)
+  expected = values_and_grads("reference", q.astype(jnp.float32), k.astype(jnp.float32),
+                              v.astype(jnp.float32), cotangent, layout)
+  got = values_and_grads("xla", q, k, v, cotangent, layout)
+  value_tol, grad_tol = TOL[dtype]
+  for name, g, e, tol in zip(("out", "dq", "dk", "dv"), got, expected, (value_tol,) + (grad_tol,) * 3):
+    assert np.isfinite(g).all(), f"{name}: non-finite values in xla output for {layout!r}"
+    assert np.isfinite(e).all(), f"{name}: non-finite values in reference output"
+    np.testing.assert_allclose(g, e, atol=tol, rtol=tol, err_msg=f"{name} differs for {layout!r}")
+
+
+def _patterns(seq, block_q, block_kv, causal):
+  geo = dict(seq_q=seq, block_q=block_q, block_kv=block_kv)
+  out = [lb.dense(causal=causal, **geo), lb.strided(stride=7, causal=causal, **geo),
+         lb.fixed(stride=16, summary=3, causal=causal, **geo), lb.global_tokens(num_global=5, causal=causal, **geo),
+         lb.chunked(chunk=13, causal=causal, **geo),
+         lb.bigbird(left=9, right=0 if causal else 4, num_global=3, num_random_blocks=2, causal=causal, **geo),
+         lb.longformer(left=10, right=0 if causal else 3, num_global=2, causal=causal, **geo)]
+  if causal:
+    out += [lb.sliding_window(left=11, **geo), lb.dilated_window(left=4, dilation=3, **geo),
+            lb.sinks(num_sinks=3, left=9, **geo)]
+  else:
+    out += [lb.sliding_window(left=6, right=9, **geo), lb.dilated_window(left=3, right=2, dilation=4, **geo)]
+  return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq,block_q,block_kv,kv_heads", [(64, 16, 16, 1), (45, 8, 16, 2)])
+def test_every_pattern_matches_reference(causal, seq, block_q, block_kv, kv_heads):
+  # One head per pattern: every builder in one compiled call (compiles dominate the test time).
+  patterns = _patterns(seq, block_q, block_kv, causal)
+  patterns = patterns[:len(patterns) // kv_heads * kv_heads]
+  assert_matches_reference(layouts.per_head(patterns), heads=len(patterns), kv_heads=kv_heads)
+
+
+def test_shared_layouts_with_gqa():
+  geo = dict(seq_q=39, block_q=8)
+  assert_matches_reference(lb.sliding_window(left=7, **geo), heads=4, kv_heads=4)
+  assert_matches_reference(lb.bigbird(left=8, num_global=4, num_random_blocks=1, **geo), heads=4, kv_heads=1)
+  assert_matches_reference(lb.strided(stride=6, causal=False, **geo), heads=6, kv_heads=3)
+
+
+def test_rectangular_sequences_and_blocks():
+  layout = lb.sliding_window(seq_q=21, seq_kv=50, block_q=4, block_kv=16, left=3, right=20)
+  assert_matches_reference(layout)
+  assert_matches_reference(lb.dense(seq_q=21, seq_kv=50, block_q=16, block_kv=8, causal=False))
+
+
+@pytest.mark.parametrize("layout_fn", [lambda: lb.dense(seq_q=50, block_q=16),
+                                       lambda: lb.bigbird(seq_q=96, block_q=16, left=16, num_global=16,
+                                                          num_random_blocks=1)])
+def test_bfloat16(layout_fn):
+  assert_matches_reference(layout_fn(), dtype=jnp.bfloat16, dim=32)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_grads():
+  geo = dict(seq_q=40, block_q=8)
+  # Rows 0..12 see nothing (no key >= 13 lies in their causal window of 5); rows >= 13 see something.
+  blind = layouts.intersection(lb.sliding_window(left=5, **geo),
+                               lb.from_predicate(lb.keys_where(lambda k: k >= 13), **geo))
+  # Query block 2 visits no block at all.
+  block_mask = np.tril(np.ones((5, 5), bool))
+  block_mask[2] = False
+  empty_block = layouts.from_block_mask(block_mask, **geo)
+  for layout in (blind, empty_block):
+    rows = ~layout.to_token_mask()[0].any(-1)
+    assert rows.any()
+    q, k, v, cotangent = random_inputs(3, 1, 40, 40, 2, 1, 8, jnp.float32)
+    results = {backend: values_and_grads(backend, q, k, v, cotangent, layout) for backend in ("reference", "xla")}
+    for backend, (out, dq, dk, dv) in results.items():
+      for x in (out, dq, dk, dv):
+        assert np.isfinite(x).all(), backend
+      assert (out[:, rows] == 0).all() and (dq[:, rows] == 0).all(), backend
+      assert np.abs(out[:, ~rows]).min() > 0, backend
+    for got, expected in zip(results["xla"], results["reference"]):
+      np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _random_block_mask_case(data):
+  block_q, block_kv = data.draw(st.sampled_from([4, 8])), data.draw(st.sampled_from([4, 8]))
+  seq_q, seq_kv = data.draw(st.integers(1, 33)), data.draw(st.integers(1, 33))
+  heads, kv_heads = data.draw(st.sampled_from([(2, 1), (2, 2), (3, 1)]))
+  layout_heads = data.draw(st.sampled_from([1, heads]))
+  nq, nk = -(-seq_q // block_q), -(-seq_kv // block_kv)
+  mask = data.draw(hnp.arrays(bool, (layout_heads, nq, nk)))
+  layout = layouts.from_block_mask(mask, seq_q=seq_q, seq_kv=seq_kv, block_q=block_q, block_kv=block_kv)
+  if data.draw(st.booleans()):  # token-level partial blocks too
+    geo = dict(seq_q=seq_q, seq_kv=seq_kv, block_q=block_q, block_kv=block_kv)
+    layout = layouts.intersection(layout, lb.sliding_window(left=data.draw(st.integers(0, 12)),
+                                                            right=data.draw(st.integers(0, 5)), **geo))
+  assert_matches_reference(layout, heads=heads, kv_heads=kv_heads, dim=8, batch=1,
+                           seed=data.draw(st.integers(0, 2**16)))
+
+
+@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.given(data=st.data())
+def test_property_random_block_masks(data):
+  _random_block_mask_case(data)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(data=st.data())
+def test_property_random_block_masks_many(data):
+  _random_block_mask_case(data)
+
+
+def test_jit_any_length_and_backend_dispatch():
+  for seq in (1, 130):
+    layout = lb.sliding_window(seq_q=seq, block_q=32, left=40)
+    q, k, v, _ = random_inputs(seq, 2, seq, seq, 4, 2, 8, jnp.float32)
+    out = jax.jit(lambda q, k, v: sa.attend(q, k, v, layout))(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(sa.attend(q, k, v, layout, backend="reference")),
+                               atol=1e-5, rtol=1e-5)
+  if jax.default_backend() == "cpu":
+    assert sa.resolve_backend("auto") == "xla"
+  with pytest.raises(ValueError, match="backend"):
+    sa.resolve_backend("flash")
+  with pytest.raises(ValueError, match="seq"):
+    sa.attend(q[:, :5], k[:, :5], v[:, :5], layout)
+  with pytest.raises(ValueError, match="multiple"):
+    sa.attend(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), layout)
+
+
+# ------------------------------------------------------------- independent oracle: splash
+def _splash_vs_xla(name, with_grads):
+  splash = pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  kernel_lib, mask_lib = splash.splash_attention_kernel, splash.splash_attention_mask
+  seq, heads, dim = 256, 2, 32
+  shape = (seq, seq)
+  masks = {"causal": (mask_lib.CausalMask(shape), lb.dense(seq, block_q=64)),
+           "local": (mask_lib.LocalMask(shape, (40, 0), 0), lb.sliding_window(seq, block_q=64, left=40)),
+           "chunked": (mask_lib.ChunkedCausalMask(shape, 100), lb.chunked(seq, block_q=32, block_kv=64, chunk=100))}
+  splash_mask, layout = masks[name]
+  blocks = dict(block_q=128, block_kv=128, block_kv_compute=128, block_q_dkv=128, block_kv_dkv=128,
+                block_kv_dkv_compute=128, block_q_dq=128, block_kv_dq=128)
+  kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([splash_mask] * heads),
+                                      block_sizes=kernel_lib.BlockSizes(**blocks), head_shards=1,
+                                      q_seq_shards=1, interpret=True)
+  q, k, v, cotangent = random_inputs(11, 1, seq, seq, heads, heads, dim, jnp.float32)
+  scale = dim**-0.5
+  # splash takes [H, S, D] and does not scale the logits.
+  to_hsd = lambda x: x[0].transpose(1, 0, 2)
+  oracle = lambda q, k, v: kernel(to_hsd(q) * scale, to_hsd(k), to_hsd(v)).transpose(1, 0, 2)[None]
+  ours = lambda q, k, v: sa.attend(q, k, v, layout, backend="xla")
+  expected, got = oracle(q, k, v), ours(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
+  if with_grads:
+    expected_grads = jax.vjp(oracle, q, k, v)[1](cotangent)
+    got_grads = jax.vjp(ours, q, k, v)[1](cotangent)
+    for g, e in zip(got_grads, expected_grads):
+      assert np.isfinite(np.asarray(g)).all()
+      np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["causal", "local", "chunked"])
+def test_splash_oracle_values(name):
+  _splash_vs_xla(name, with_grads=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["causal", "local", "chunked"])
+def test_splash_oracle_grads(name):
+  _splash_vs_xla(name, with_grads=True)
