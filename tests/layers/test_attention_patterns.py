@@ -1,0 +1,144 @@
+"""Attention kinds: config validation, build_layout per kind (token masks), caching, jit use, plots."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparseformer.layers import attention_patterns as ap
+from sparseformer.layers import layout_builders as lb
+from sparseformer.layers import layout_plot, layouts
+from sparseformer.layers import sparse_attention as sa
+from sparseformer.layers.attention_config import _BACKENDS, SparseAttentionConfig
+
+CONFIG = SparseAttentionConfig(block_size=8, window=6, stride=8, summary_tokens=2, num_global=3,
+                               num_random_blocks=1, chunk_size=12, num_sinks=2, backend="xla")
+
+
+def _mask(fn, seq):
+  q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+  return np.broadcast_to(fn(q, k), (seq, seq))
+
+
+def _window_mask(seq, window):
+  return _mask(lambda q, k: (k <= q) & (q - k < window), seq)
+
+
+def custom_factory(config, *, seq_len, num_heads):
+  """Test factory: per-head mix of a window and dense causal."""
+  geo = dict(seq_q=seq_len, block_q=config.block_size)
+  return layouts.per_head([lb.sliding_window(left=3, **geo), lb.dense(**geo)] * (num_heads // 2))
+
+
+@pytest.mark.parametrize("seq", [29, 64])
+def test_each_kind_matches_its_token_mask(seq):
+  causal = _mask(lambda q, k: k <= q, seq)
+  window = _window_mask(seq, CONFIG.window)
+  expected = {
+      "global": causal,
+      "local": window,
+      "strided": causal & _mask(lambda q, k: (q - k <= 8) | ((q - k) % 8 == 0), seq),
+      "fixed": causal & _mask(lambda q, k: (q // 8 == k // 8) | (k % 8 >= 6), seq),
+      "longformer": causal & (window | _mask(lambda q, k: (k < 3) | (q < 3), seq)),
+      "chunked": causal & _mask(lambda q, k: q // 12 == k // 12, seq),
+      "sinks": causal & (window | _mask(lambda q, k: k < 2, seq)),
+  }
+  for kind, mask in expected.items():
+    layout = ap.build_layout(kind, CONFIG, seq_len=seq, num_heads=4)
+    np.testing.assert_array_equal(layout.to_token_mask()[0], mask, err_msg=kind)
+  bigbird = ap.build_layout("bigbird", CONFIG, seq_len=seq, num_heads=4).to_token_mask()[0]
+  assert (bigbird >= expected["longformer"]).all() and (bigbird <= causal).all()
+  assert (bigbird > expected["longformer"]).any(), "no random block was added"
+
+
+def test_local_dilated_and_per_head_bigbird():
+  config = dataclasses.replace(CONFIG, dilation=3, window=4)
+  layout = ap.build_layout("local", config, seq_len=30, num_heads=2)
+  np.testing.assert_array_equal(layout.to_token_mask()[0], _mask(lambda q, k: (q - k) % 3 == 0, 30) &
+                                _mask(lambda q, k: (k <= q) & (q - k <= 9), 30))
+  config = dataclasses.replace(CONFIG, random_per_head=True, num_random_blocks=2)
+  layout = ap.build_layout("bigbird", config, seq_len=80, num_heads=4)
+  assert layout.num_heads == 4
+
+
+def test_encoder_kinds():
+  config = dataclasses.replace(CONFIG, causal=False, window=3, window_right=2)
+  layout = ap.build_layout("local", config, seq_len=20, num_heads=1)
+  np.testing.assert_array_equal(layout.to_token_mask()[0], _mask(lambda q, k: (q - k <= 2) & (k - q <= 2), 20))
+  assert ap.build_layout("global", config, seq_len=20, num_heads=1).to_token_mask().all()
+
+
+def test_custom_kind_by_path_and_registered_name():
+  config = dataclasses.replace(CONFIG, layout_factory=f"{__name__}:custom_factory")
+  ap.validate_kind("custom", config)
+  layout = ap.build_layout("custom", config, seq_len=24, num_heads=4)
+  assert layout.num_heads == 4
+  ap.register_layout_factory("test_window", lambda config, *, seq_len, num_heads: lb.sliding_window(
+      seq_len, block_q=config.block_size, left=2))
+  layout = ap.build_layout("custom", dataclasses.replace(CONFIG, layout_factory="test_window"), seq_len=24,
+                           num_heads=4)
+  np.testing.assert_array_equal(layout.to_token_mask()[0], _window_mask(24, 3))
+
+
+def test_build_layout_is_cached():
+  a = ap.build_layout("local", CONFIG, seq_len=100, num_heads=4)
+  b = ap.build_layout("local", dataclasses.replace(CONFIG), seq_len=100, num_heads=4)
+  assert a is b
+  assert ap.build_layout("local", CONFIG, seq_len=101, num_heads=4) is not a
+
+
+@pytest.mark.parametrize("kind", [k for k in ap.ATTENTION_KINDS if k != "custom"])
+def test_every_kind_attends_under_jit(kind):
+  seq, heads, kv_heads, dim = 37, 4, 2, 8
+
+  @jax.jit
+  def loss(q, k, v):
+    layout = ap.build_layout(kind, CONFIG, seq_len=q.shape[1], num_heads=q.shape[2])
+    return jnp.sum(sa.attend(q, k, v, layout, backend=CONFIG.backend) ** 2)
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, seq, heads, dim))
+  k, v = (jax.random.normal(key, (2, seq, kv_heads, dim)) for key in keys[1:])
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in grads)
+  mask = jnp.asarray(ap.build_layout(kind, CONFIG, seq_len=seq, num_heads=heads).to_token_mask())
+  expected = jnp.sum(sa.masked_attention(q, k, v, mask) ** 2)
+  np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("backend", "flash", "backend"), ("block_size", 0, "block_size"), ("window", 0, "window"),
+    ("window_right", 2, "window_right"), ("summary_tokens", 200, "summary_tokens"), ("dilation", 0, "dilation"),
+    ("num_random_blocks", -1, "num_random_blocks"), ("chunk_size", 0, "chunk_size"), ("seed", 1.5, "seed"),
+])
+def test_config_rejects_bad_fields(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    SparseAttentionConfig(**{field: value})
+
+
+def test_validate_kind_errors():
+  with pytest.raises(ValueError, match="unknown"):
+    ap.validate_kind("sliding", CONFIG)
+  with pytest.raises(ValueError, match="layout_factory"):
+    ap.validate_kind("custom", CONFIG)
+  with pytest.raises(ValueError, match="cannot be imported"):
+    ap.validate_kind("custom", dataclasses.replace(CONFIG, layout_factory="no_such_module:f"))
+  with pytest.raises(ValueError, match="num_sinks"):
+    ap.validate_kind("sinks", dataclasses.replace(CONFIG, num_sinks=0))
+  with pytest.raises(ValueError, match="causal"):
+    ap.validate_kind("sinks", dataclasses.replace(CONFIG, causal=False))
+  with pytest.raises(ValueError, match="num_global"):
+    ap.validate_kind("longformer", dataclasses.replace(CONFIG, num_global=0))
+  assert _BACKENDS == sa.BACKENDS
+
+
+def test_plot_writes_png(tmp_path):
+  path = tmp_path / "layouts.png"
+  layout_plot.save_layouts_png([ap.build_layout(kind, CONFIG, seq_len=64, num_heads=2)
+                                for kind in ("local", "bigbird")], str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  big = tmp_path / "big.png"
+  layout_plot.save_layout_png(lb.sliding_window(seq_q=8192, block_q=128, left=511), str(big))
+  assert big.stat().st_size > 1000
