@@ -295,6 +295,11 @@ def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 
   return tokenizer.decode(ids)
 
 
+def read_train_losses(workdir: str) -> dict[int, float]:
+  """{step: training loss} from a run's metrics.jsonl."""
+  return {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(workdir) if "train/loss" in r}
+
+
 def _describe_corpus(corpus) -> str:
   meta = corpus.metadata
   source = meta.get("source", "?")

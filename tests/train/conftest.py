@@ -2,12 +2,12 @@
 
 import dataclasses
 import glob
-import json
 import os
 
 import pytest
 
 from sparseformer.models.config import ModelConfig
+from sparseformer.train import trainer
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig
 
@@ -32,7 +32,7 @@ def tiny_config(text_corpus, tmp_path):
 
 @pytest.fixture
 def read_losses():
-  return read_train_losses
+  return trainer.read_train_losses
 
 
 def make_tiny_config(corpus: str, tmp_path, **train_changes) -> RunConfig:
@@ -42,9 +42,3 @@ def make_tiny_config(corpus: str, tmp_path, **train_changes) -> RunConfig:
   train = TrainConfig(steps=8, learning_rate=3e-3, warmup_steps=2, log_every=1, eval_every=0, checkpoint_every=4,
                       sample_tokens=0, progress_bar=False, peak_flops=1e11)
   return RunConfig(name="tiny", model=model, data=data, train=dataclasses.replace(train, **train_changes))
-
-
-def read_train_losses(workdir) -> dict[int, float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as file:
-    records = [json.loads(line) for line in file]
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}

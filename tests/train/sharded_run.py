@@ -1,0 +1,61 @@
+"""Run by test_sharded.py in a fresh process with 8 simulated CPU devices (XLA_FLAGS set before JAX starts).
+
+Trains 3 steps on mesh data=2 x fsdp=2 x tensor=2 and on 1 device, prints a JSON report.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+
+from sparseformer.models.config import ModelConfig  # noqa: E402
+from sparseformer.train import trainer  # noqa: E402
+from sparseformer.train.config import RunConfig, TrainConfig  # noqa: E402
+from sparseformer.train.data_config import DataConfig  # noqa: E402
+from sparseformer.train.mesh import MeshConfig  # noqa: E402
+
+
+def main(corpus: str, workdir: str) -> None:
+  assert jax.device_count() == 8, jax.devices()
+  base = RunConfig(
+      name="sharded",
+      model=ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, max_seq_len=32),
+      data=DataConfig(path=corpus, seq_len=32, batch_size=8, num_val_batches=1, val_fraction=0.1,
+                      cache_dir=os.path.join(workdir, "cache")),
+      train=TrainConfig(steps=3, warmup_steps=1, log_every=1, eval_every=0, sample_tokens=0, progress_bar=False,
+                        peak_flops=1e11, grad_accum_steps=2))
+  sharded = dataclasses.replace(base, mesh=MeshConfig(data=2, fsdp=2, tensor=2, expert=1))
+  report = {}
+  for name, config, devices in (("sharded", sharded, None), ("single", base, jax.devices()[:1])):
+    run_dir = os.path.join(workdir, name)
+    report[name] = trainer.train(config, run_dir, devices=devices)
+    report[name + "_losses"] = trainer.read_train_losses(run_dir)
+  run = trainer.open_run(sharded, os.path.join(workdir, "sharded"), require_checkpoint=True)
+  params = run.state.params
+  examples = {"wq": params["blocks"][0]["attention"]["wq"], "wk": params["blocks"][0]["attention"]["wk"],
+              "w_down": params["blocks"][1]["ffn"]["w_down"], "embedding": params["embedding"]["table"],
+              "norm": params["final_norm"]["scale"]}
+  report["specs"] = {name: [str(axis) for axis in var[...].sharding.spec] for name, var in examples.items()}
+  report["shard_shapes"] = {name: list(var[...].addressable_shards[0].data.shape) for name, var in examples.items()}
+  report["global_shapes"] = {name: list(var[...].shape) for name, var in examples.items()}
+  mu = run.state.opt_state[1][0].mu["blocks"][0]["attention"]["wq"]
+  report["adam_mu_spec"] = [str(axis) for axis in mu[...].sharding.spec]
+  # The sharded checkpoint restored onto a single device (a different mesh) holds the same values.
+  single_view = trainer.open_run(base, os.path.join(workdir, "sharded"), require_checkpoint=True,
+                                 devices=jax.devices()[:1])
+  report["restored_on_other_mesh_equal"] = all(
+      bool((np.asarray(a) == np.asarray(b)).all()) for a, b in
+      zip(jax.tree.leaves(run.state), jax.tree.leaves(single_view.state)))
+  report["restored_on_other_mesh_devices"] = len(jax.tree.leaves(single_view.state.params)[0].devices())
+  single_view.checkpointer.close()
+  run.checkpointer.close()
+  print("REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2])

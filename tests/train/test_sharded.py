@@ -1,0 +1,66 @@
+"""Sharded training on 8 simulated CPU devices, and 2 real processes through jax.distributed (gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_corpus, tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), text_corpus, str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+  # Rules: embed -> fsdp, heads/kv_heads/mlp -> tensor, vocab -> tensor unless it does not divide (259 does not).
+  assert report["specs"]["wq"] == ["fsdp", "tensor", "None"]
+  assert report["specs"]["wk"] == ["fsdp", "tensor", "None"]
+  assert report["specs"]["w_down"] == ["tensor", "fsdp"]
+  assert report["specs"]["embedding"] == ["None", "fsdp"]
+  assert report["specs"]["norm"] == ["fsdp"]
+  assert report["adam_mu_spec"] == ["fsdp", "tensor", "None"]
+  assert report["shard_shapes"]["wq"] == [32, 2, 16] and report["global_shapes"]["wq"] == [64, 4, 16]
+  sharded = [report["sharded_losses"][str(step)] for step in (1, 2, 3)]
+  single = [report["single_losses"][str(step)] for step in (1, 2, 3)]
+  assert np.isfinite(sharded).all()
+  np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  assert report["sharded"]["loss"] == report["sharded"]["loss"]  # not NaN
+  np.testing.assert_allclose(report["sharded"]["loss"], report["single"]["loss"], rtol=2e-5)
+  assert report["restored_on_other_mesh_equal"] and report["restored_on_other_mesh_devices"] == 1
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_agree(text_corpus, tmp_path):
+  workdir = tmp_path / "run"
+  port = _free_port()
+  settings = [f"data.path={text_corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=32",
+              "data.batch_size=8", "data.num_val_batches=1", "data.val_fraction=0.1", "model.num_layers=1",
+              "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2", "train.steps=4",
+              "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0", "train.sample_tokens=0",
+              "train.progress_bar=False", "train.peak_flops=1e11"]
+  command = [sys.executable, "-m", "sparseformer.train.cli", "train", "--workdir", str(workdir),
+             "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  for setting in settings:
+    command += ["--set", setting]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  processes = [subprocess.Popen(command + ["--process-id", str(i)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+  outputs = [process.communicate(timeout=600)[0] for process in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-4000:]
+  summaries = [json.loads(next(line for line in output.splitlines() if " summary " in line).split(" summary ", 1)[1])
+               for output in outputs]
+  assert summaries[0]["step"] == summaries[1]["step"] == 4
+  assert summaries[0]["train_loss"] == summaries[1]["train_loss"]
+  assert summaries[0]["loss"] == summaries[1]["loss"] and np.isfinite(summaries[0]["loss"])
+  assert "2 device(s)" in outputs[0]
+  assert sorted(name for name in os.listdir(workdir / "checkpoints") if name.isdigit()) == ["2", "4"]
