@@ -227,8 +227,9 @@ def check_correctness(cfg: Settings, results: list) -> None:
                               seed=1)
       got = jax.jit(fwd_bwd_fn(kernel_fn(cfg, layout)))(q, k, v, d_out)
       f32 = lambda x: x.astype(jnp.float32)
-      ref = jax.jit(fwd_bwd_fn(lambda q, k, v: reference_attention(q, k, v, layout)))(
-          f32(q), f32(k), f32(v), f32(d_out))
+      with jax.default_matmul_precision("highest"):  # no TF32 in the f32 reference
+        ref = jax.jit(fwd_bwd_fn(lambda q, k, v: reference_attention(q, k, v, layout)))(
+            f32(q), f32(k), f32(v), f32(d_out))
       worst = 0.0
       for part, g, w in zip(("out", "dq", "dk", "dv"), got, ref):
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w)

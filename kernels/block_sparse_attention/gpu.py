@@ -32,6 +32,11 @@ def _full(shape) -> pl.BlockSpec:
   return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
 
 
+def _int8(masks: jax.Array) -> jax.Array:
+  """Token tiles as int8 (1 byte per element, as XLA stores bool) for plain byte loads."""
+  return masks.astype(jnp.int8)
+
+
 def _split(index, sub: int, tile: int):
   """Program/loop index over tiles -> (layout block, row offset inside the block)."""
   return common.div(index, sub), common.rem(index, sub) * tile
@@ -72,7 +77,7 @@ def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_
     s = common.scores(q, k_ref[pl.ds(start, tk), :], scale_log2)
     s = common.mask_partial(
         s, kv_mask_id_ref[hl, q_block, j],
-        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)])
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0)
     return common.softmax_step(carry, s, v_ref[pl.ds(start, tk), :])
 
   count = kv_count_ref[hl, q_block] * kv_sub
@@ -106,7 +111,7 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, arrays.partial_masks, q, k, v)
+  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, _int8(arrays.partial_masks), q, k, v)
 
 
 def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
@@ -127,7 +132,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_r
     s = common.scores(q, k, scale * common.LOG2E)
     s = common.mask_partial(
         s, kv_mask_id_ref[hl, q_block, j],
-        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)])
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0)
     return common.dq_step(dq, s, lse2, delta, do, k, v_ref[pl.ds(start, tk), :])
 
   count = kv_count_ref[hl, q_block] * kv_sub
@@ -154,7 +159,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_r
       s_t = common.scores(k, q, scale * common.LOG2E)  # [tk, tq]
       s_t = common.mask_partial(
           s_t, q_mask_id_ref[hl, kv_block, j],
-          lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)])
+          lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)] != 0)
       lse2 = common.lse_to_base2(lse_ref[b, h, pl.ds(start, tq)])[None, :]  # [1, tq]
       delta = delta_ref[b, h, pl.ds(start, tq)][None, :]
       return common.dkv_step(carry, s_t, lse2, delta, q, do_ref[b, pl.ds(start, tq), h, :], v)
@@ -193,11 +198,11 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, arrays.partial_masks,
+  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, _int8(arrays.partial_masks),
     q, k, v, do, lse, delta)
 
   tq, tk = tiles.dkv_q, tiles.dkv_kv
-  masks_t = jnp.swapaxes(arrays.partial_masks, 1, 2)  # [P, block_kv, block_q]
+  masks_t = _int8(jnp.swapaxes(arrays.partial_masks, 1, 2))  # [P, block_kv, block_q]
   kv_tile_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, g: (b, i, g, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, meta=meta, tq=tq, tk=tk, group=group, scale=scale),
