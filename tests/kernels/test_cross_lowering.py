@@ -8,7 +8,8 @@ not run the Triton/Mosaic compilers (register or shared-memory limits are only s
 The cuda cases are exactly the kernel calls of benchmarks/attention_gpu.py (`FULL` settings:
 every sequence length and layout, the GQA correctness case and the tile-sweep candidates), so the
 one GPU run does not fail on a lowering error. Lowering the fwd+bwd program covers all three
-kernels (forward, dQ, dK/dV).
+kernels (forward, dQ, dK/dV). The last tests check the script's report plumbing (the whole
+script in interpret mode on tiny shapes is `slow`).
 """
 
 from __future__ import annotations
@@ -133,3 +134,29 @@ def test_traced_layout_lowers(platform):
           for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id)]
   text = lower(fn, (*shapes(1024, 1, 4, 2, 128, jnp.bfloat16), *ints), platform)
   assert _kernel_calls(text, platform) == 3
+
+
+# The benchmark script's plumbing (reports with failures and skips; the whole run on CPU).
+def test_benchmark_report_handles_errors_and_skips(tmp_path):
+  report = dict(device="cpu", jax=jax.__version__, date="now", command="test", wall_s=1.0,
+                settings=dict(bench.dataclasses.asdict(CFG), dtype="bfloat16"),
+                correctness=[dict(layout="causal", kv_heads=16, error="boom | bad")],
+                timings=[dict(impl="cudnn", layout="dense_causal", seq=4096, fwd_ms=2.0,
+                              fwd_bwd_ms=6.0, fwd_tflops=1.0, fwd_bwd_tflops=1.0),
+                         dict(impl="block_sparse", layout="local_2k", seq=4096, fwd_ms=1.0,
+                              fwd_tflops=1.0, density_vs_causal=0.25, fwd_bwd_error="x"),
+                         dict(impl="block_sparse", layout="bigbird", seq=4096, skipped="budget")],
+                sweep=[dict(mode="fwd", block_sizes={}, error="no")])
+  bench.add_ratios(report["timings"])
+  assert report["timings"][1]["fwd_speedup_vs_cudnn"] == 2.0
+  assert report["timings"][1]["fwd_fraction_of_bound"] == 0.5
+  bench.write_report(str(tmp_path), report)
+  text = (tmp_path / "attention_gpu.md").read_text()
+  assert "| 4096 | block_sparse | local_2k | 4.0 | 1.000 |" in text and "budget" in text
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path):
+  assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path)]) == 0
+  text = (tmp_path / "attention_gpu.md").read_text()
+  assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
