@@ -156,7 +156,9 @@ def test_benchmark_report_handles_errors_and_skips(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_smoke_run(tmp_path):
+def test_benchmark_smoke_run(tmp_path, request):
+  if not request.config.getoption("markexpr"):  # pyproject does not deselect `slow` by default
+    pytest.skip("slow (~1 min): run with `pytest -m slow`")
   assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path)]) == 0
   text = (tmp_path / "attention_gpu.md").read_text()
   assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
