@@ -9,13 +9,13 @@ Python with plausible keywords and indentation but little sense.
 
 import dataclasses
 
-from sparseformer.models.config import ModelConfig
+from sparseformer.models import presets
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig
 
 
 def config() -> RunConfig:
-  model = ModelConfig(num_layers=4, d_model=192, num_heads=6, num_kv_heads=2, max_seq_len=256)
+  model = presets.quickstart()
   data = DataConfig(seq_len=256, batch_size=16, num_val_batches=4)
   train = TrainConfig(steps=600, learning_rate=3e-3, warmup_steps=50, log_every=20, eval_every=200,
                       checkpoint_every=200, sample_tokens=200)

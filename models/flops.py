@@ -1,5 +1,7 @@
 """Model FLOPs per token (the MFU numerator), counting only the work a layer really does."""
 
+import numpy as np
+
 from sparseformer.models.config import ModelConfig
 
 
@@ -11,7 +13,17 @@ def attention_density(config: ModelConfig, layer: int, seq_len: int) -> float:
   from sparseformer.layers import attention_patterns  # pylint: disable=import-outside-toplevel
 
   layout = attention_patterns.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads)
-  return float(layout.density())
+  return allowed_pair_fraction(layout)
+
+
+def allowed_pair_fraction(layout) -> float:
+  """Allowed (query, key) token pairs / (seq_q x seq_kv), from the block lists in O(blocks), not O(T^2)."""
+  valid = np.arange(layout.kv_index.shape[-1]) < layout.kv_count[..., None]
+  mask_ids = layout.kv_mask_id[valid]
+  pairs_per_mask = layout.partial_masks.reshape(layout.partial_masks.shape[0], -1).sum(axis=1)
+  full_pairs = layout.block_q * layout.block_kv
+  allowed = np.where(mask_ids < 0, full_pairs, pairs_per_mask[np.maximum(mask_ids, 0)]).sum()
+  return float(allowed) / (layout.kv_count.shape[0] * layout.seq_q * layout.seq_kv)
 
 
 def matmul_params_per_token(config: ModelConfig) -> int:
@@ -23,8 +35,8 @@ def matmul_params_per_token(config: ModelConfig) -> int:
     total += attention
     if config.ffn_kind(layer) == "moe":
       moe = config.moe
-      total += d * moe.num_experts  # router
-      total += 3 * d * moe.expert_hidden * (moe.top_k + getattr(moe, "num_shared_experts", 0))
+      total += d * moe.routed_experts  # router
+      total += 3 * d * (moe.routed_hidden * moe.routed_top_k + moe.shared_hidden)
     else:
       total += 3 * d * config.resolved_mlp_hidden
   return total

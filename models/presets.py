@@ -1,0 +1,93 @@
+"""Named model presets. `--set model.<field>=...` adjusts any of them; experiments pick one by name."""
+
+import dataclasses
+from typing import Callable
+
+from sparseformer.layers import moe_config
+from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.models.config import ModelConfig
+
+_SMALL = dict(num_layers=4, d_model=512, num_heads=8, num_kv_heads=8, max_seq_len=512)
+
+
+def tiny() -> ModelConfig:
+  """2 x 64: unit tests and smoke runs."""
+  return ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, max_seq_len=256)
+
+
+def quickstart() -> ModelConfig:
+  """4 x 192 with GQA (6 query / 2 kv heads): the CPU quickstart."""
+  return ModelConfig(num_layers=4, d_model=192, num_heads=6, num_kv_heads=2, max_seq_len=256)
+
+
+def small() -> ModelConfig:
+  """4 x 512 dense, sequence 512: the CPU throughput reference (benchmarks/train_throughput.py)."""
+  return ModelConfig(**_SMALL)
+
+
+def base() -> ModelConfig:
+  """12 x 768 dense with GQA, sequence 2048: GPU / TPU scale."""
+  return ModelConfig(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, max_seq_len=2048, dtype="bfloat16")
+
+
+def all_local() -> ModelConfig:
+  """Every layer a 256-token sliding window (Mistral-style)."""
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("local",),
+                     attention=SparseAttentionConfig(window=256, block_size=64))
+
+
+def local_global_5to1() -> ModelConfig:
+  """Gemma-3 schedule: five sliding-window layers, then one global layer."""
+  return ModelConfig(**_SMALL | dict(num_layers=6, max_seq_len=2048),
+                     attention_pattern=("local",) * 5 + ("global",),
+                     attention=SparseAttentionConfig(window=512, block_size=64))
+
+
+def chunked_3to1() -> ModelConfig:
+  """Llama-4 schedule: three chunked-causal layers, then one global layer."""
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("chunked",) * 3 + ("global",),
+                     attention=SparseAttentionConfig(chunk_size=512, block_size=64))
+
+
+def bigbird() -> ModelConfig:
+  """BigBird (Zaheer et al., 2020): window + global + random blocks in every layer."""
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("bigbird",),
+                     attention=SparseAttentionConfig(window=192, num_global=64, num_random_blocks=3, block_size=64))
+
+
+def longformer() -> ModelConfig:
+  """Longformer (Beltagy et al., 2020): sliding window + global tokens."""
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("longformer",),
+                     attention=SparseAttentionConfig(window=256, num_global=64, block_size=64))
+
+
+def moe_mixtral_small() -> ModelConfig:
+  """Top-2 of 8 dropless experts in every other layer (Mixtral routing), equal active FLOPs to `small`."""
+  return ModelConfig(**_SMALL, ffn_pattern=("dense", "moe"),
+                     moe=moe_config.mixtral(num_experts=8, expert_hidden=704))
+
+
+def moe_switch_small() -> ModelConfig:
+  """Switch Transformer: top-1 of 16 experts with capacity 1.25 in every layer."""
+  return ModelConfig(**_SMALL, ffn_pattern=("moe",), moe=moe_config.switch(num_experts=16, expert_hidden=1408))
+
+
+def moe_deepseek_small() -> ModelConfig:
+  """DeepSeek-V3 recipe at small scale: first layer dense, then fine-grained sigmoid experts + 1 shared
+  expert with auxiliary-loss-free bias balancing."""
+  return ModelConfig(**_SMALL | dict(num_layers=4), ffn_pattern=("dense", "moe", "moe", "moe"),
+                     moe=moe_config.deepseek_v3(num_experts=16, top_k=2, expert_hidden=512, n_groups=4,
+                                                topk_groups=2))
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    fn.__name__: fn for fn in (tiny, quickstart, small, base, all_local, local_global_5to1, chunked_3to1, bigbird,
+                               longformer, moe_mixtral_small, moe_switch_small, moe_deepseek_small)
+}
+
+
+def get(name: str, **changes) -> ModelConfig:
+  """Preset `name` with optional field changes, e.g. get("small", dtype="bfloat16")."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+  return dataclasses.replace(PRESETS[name](), **changes)
