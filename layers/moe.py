@@ -147,7 +147,7 @@ class MoEFeedForward(nnx.Module):
                                 (self.shared_gate, self.shared_up, self.shared_down)))
       y = y + shared
     load = jax.lax.stop_gradient(load)
-    self.router.load.value = load
+    self.router.load[...] = load
     aux = self._losses_and_metrics(logits, scores, expert_index, load, dropped_fraction, batch)
     return y.reshape(batch, length, dim).astype(self.dtype), aux
 
@@ -180,5 +180,5 @@ def after_optimizer_step(model: nnx.Module) -> None:
   """
   for _, node in nnx.iter_graph(model):
     if isinstance(node, MoEFeedForward) and node.router.bias is not None:
-      node.router.bias.value = routing.bias_balance_update(
+      node.router.bias[...] = routing.bias_balance_update(
           node.router.bias[...], node.router.load[...], node.config.bias_update_rate)

@@ -92,7 +92,7 @@ def test_gate_normalisations():
 
 def test_gates_are_differentiable_and_float32():
   logits = jax.random.normal(jax.random.key(0), (16, 8), jnp.bfloat16)
-  grad = jax.grad(lambda l: routing.route_token_choice(l, 2).gates[:, 0].sum())(logits)
+  grad = jax.jit(jax.grad(lambda l: routing.route_token_choice(l, 2).gates[:, 0].sum()))(logits)
   assert grad.dtype == jnp.bfloat16 and np.isfinite(np.asarray(grad, np.float32)).all()
   assert np.abs(np.asarray(grad, np.float32)).sum() > 0
   assert routing.route_token_choice(logits, 2).gates.dtype == jnp.float32
