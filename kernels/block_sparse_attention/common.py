@@ -56,8 +56,8 @@ class BlockSizes:
   block_q_dkv: int | None = None  # dK/dV kernel: query rows per inner-loop step
   block_kv_dkv: int | None = None  # dK/dV kernel: key rows per program
   num_warps: int | None = None  # GPU forward warps (None: 4 if tile*head_dim small else 8)
-  num_stages: int = 3  # GPU forward software-pipelining stages
-  num_warps_bwd: int | None = None  # GPU backward warps (None: like num_warps)
+  num_stages: int = 2  # GPU forward software-pipelining stages
+  num_warps_bwd: int | None = None  # GPU backward warps (None: 4)
   num_stages_bwd: int = 2  # GPU backward pipelining stages
 
 
@@ -101,9 +101,9 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
                     block_q_dq=layout_block_q, block_kv_dq=layout_block_kv,
                     block_q_dkv=layout_block_q, block_kv_dkv=layout_block_kv)
   else:
-    # Tuned for D=128 bf16 on H100-class GPUs (see docs/benchmarks/attention_gpu.md).
-    defaults = dict(block_q=min(layout_block_q, 128), block_kv=min(layout_block_kv, 64),
-                    block_q_dq=min(layout_block_q, 128), block_kv_dq=min(layout_block_kv, 64),
+    # The winners of the H200 tile sweep at D=128 bf16 (docs/benchmarks/attention_gpu.md).
+    defaults = dict(block_q=min(layout_block_q, 128), block_kv=min(layout_block_kv, 128),
+                    block_q_dq=min(layout_block_q, 64), block_kv_dq=min(layout_block_kv, 64),
                     block_q_dkv=min(layout_block_q, 64), block_kv_dkv=min(layout_block_kv, 64))
   values = {f: d if getattr(sizes, f) is None else getattr(sizes, f) for f, d in defaults.items()}
   for field, value in values.items():
@@ -128,7 +128,7 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
   num_warps = sizes.num_warps
   if num_warps is None:
     num_warps = 4 if values["block_q"] * head_dim < 128 * 128 else 8
-  num_warps_bwd = sizes.num_warps_bwd if sizes.num_warps_bwd is not None else num_warps
+  num_warps_bwd = sizes.num_warps_bwd if sizes.num_warps_bwd is not None else 4
   for field, value in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd)):
     if not _is_pow2(value) or value > 16:
       raise ValueError(f"BlockSizes.{field}={value} must be 1, 2, 4, 8 or 16.")
