@@ -19,7 +19,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _forward_loss(setup: ModelSetup, params, extra, batch: Batch):
-  model = nnx.merge(setup.graphdef, params, extra)
+  # copy=True: fresh Variables owned by this trace, so layers may write state (e.g. the MoE router load).
+  model = nnx.merge(setup.graphdef, params, extra, copy=True)
   logits, aux = model(batch["inputs"])
   lm_loss = jnp.mean(cross_entropy(logits, batch["targets"]))
   _, _, new_extra = nnx.split(model, nnx.Param, ...)
@@ -66,7 +67,7 @@ def make_train_step(setup: ModelSetup, *, accum_steps: int, learning_rate: Calla
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if after_optimizer_step is not None:
-      model = nnx.merge(setup.graphdef, params, extra)
+      model = nnx.merge(setup.graphdef, params, extra, copy=True)
       after_optimizer_step(model)
       _, params, extra = nnx.split(model, nnx.Param, ...)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)

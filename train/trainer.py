@@ -139,23 +139,26 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   mesh = make_mesh(config.mesh, devices)
   _check_mesh_fits(config, mesh)
   optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params)  # noqa: E731
-  setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state = checkpointer.restore(latest, setup.abstract_state)
-    log(f"Resumed from step {latest} in {checkpointer.directory}.")
-  elif require_checkpoint:
-    raise checkpoint_lib.CheckpointError(f"No checkpoint in {checkpointer.directory}; train first.")
-  else:
-    state, data_state = state_lib.init_train_state(config.model, setup, config.train.seed), None
+  # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
+  with jax.set_mesh(mesh):
+    setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      state, data_state = checkpointer.restore(latest, setup.abstract_state)
+      log(f"Resumed from step {latest} in {checkpointer.directory}.")
+    elif require_checkpoint:
+      raise checkpoint_lib.CheckpointError(f"No checkpoint in {checkpointer.directory}; train first.")
+    else:
+      state, data_state = state_lib.init_train_state(config.model, setup, config.train.seed), None
   return Run(config, workdir, mesh, setup, state, checkpointer, data_state, sharding_lib.batch_sharding(mesh))
 
 
 def evaluate(run: Run, batches: list) -> dict[str, float]:
   """Validation loss and bits per byte over `batches` (global arrays)."""
   eval_step = jax.jit(step_lib.make_eval_step(run.setup))
-  return step_lib.summarize_eval([eval_step(run.state, batch) for batch in batches])
+  with jax.set_mesh(run.mesh):
+    return step_lib.summarize_eval([eval_step(run.state, batch) for batch in batches])
 
 
 def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
@@ -220,7 +223,7 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   interval_start, interval_steps, first_step = time.perf_counter(), 0, True
   summary, last_loss = {}, float("nan")
   try:
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, jax.set_mesh(run.mesh):
       while step < config.train.steps:
         batch = data_lib.to_global_batch(next(train_batches), run.batch_sharding, config.data.batch_size)
         run.state, step_metrics = train_step(run.state, batch)
@@ -290,8 +293,9 @@ def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 
   from sparseformer.train.sample import sample_tokens  # pylint: disable=import-outside-toplevel
 
   prompt_ids = tokenizer.encode(prompt)
-  ids = sample_tokens(run.model(), prompt_ids, num_tokens=num_tokens, window=run.config.data.seq_len,
-                      temperature=temperature, top_k=top_k, seed=seed)
+  with jax.set_mesh(run.mesh):
+    ids = sample_tokens(run.model(), prompt_ids, num_tokens=num_tokens, window=run.config.data.seq_len,
+                        temperature=temperature, top_k=top_k, seed=seed)
   return tokenizer.decode(ids)
 
 

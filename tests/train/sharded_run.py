@@ -13,7 +13,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
+from sparseformer.layers import moe_config  # noqa: E402
 from sparseformer.models.config import ModelConfig  # noqa: E402
+from sparseformer.train import metrics as metrics_lib  # noqa: E402
 from sparseformer.train import trainer  # noqa: E402
 from sparseformer.train.config import RunConfig, TrainConfig  # noqa: E402
 from sparseformer.train.data_config import DataConfig  # noqa: E402
@@ -30,11 +32,17 @@ def main(corpus: str, workdir: str) -> None:
       train=TrainConfig(steps=3, warmup_steps=1, log_every=1, eval_every=0, sample_tokens=0, progress_bar=False,
                         peak_flops=1e11, grad_accum_steps=2))
   sharded = dataclasses.replace(base, mesh=MeshConfig(data=2, fsdp=2, tensor=2, expert=1))
+  moe_model = dataclasses.replace(base.model, ffn_pattern=("dense", "moe"),
+                                  moe=moe_config.mixtral(num_experts=4, expert_hidden=64, block_size=16))
+  moe_single = dataclasses.replace(base, model=moe_model)
+  moe_sharded = dataclasses.replace(moe_single, mesh=MeshConfig(data=2, fsdp=2, tensor=1, expert=2))
   report = {}
-  for name, config, devices in (("sharded", sharded, None), ("single", base, jax.devices()[:1])):
+  for name, config, devices in (("sharded", sharded, None), ("single", base, jax.devices()[:1]),
+                                ("moe_sharded", moe_sharded, None), ("moe_single", moe_single, jax.devices()[:1])):
     run_dir = os.path.join(workdir, name)
     report[name] = trainer.train(config, run_dir, devices=devices)
     report[name + "_losses"] = trainer.read_train_losses(run_dir)
+    report[name + "_last_record"] = [r for r in metrics_lib.read_metrics(run_dir) if "train/loss" in r][-1]
   run = trainer.open_run(sharded, os.path.join(workdir, "sharded"), require_checkpoint=True)
   params = run.state.params
   examples = {"wq": params["blocks"][0]["attention"]["wq"], "wk": params["blocks"][0]["attention"]["wk"],

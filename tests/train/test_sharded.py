@@ -31,6 +31,16 @@ def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_c
   assert report["sharded"]["loss"] == report["sharded"]["loss"]  # not NaN
   np.testing.assert_allclose(report["sharded"]["loss"], report["single"]["loss"], rtol=2e-5)
   assert report["restored_on_other_mesh_equal"] and report["restored_on_other_mesh_devices"] == 1
+  # MoE with expert parallelism (expert=2 x data=2 x fsdp=2) equals one device, and logs per-layer metrics.
+  moe_sharded = [report["moe_sharded_losses"][str(step)] for step in (1, 2, 3)]
+  moe_single = [report["moe_single_losses"][str(step)] for step in (1, 2, 3)]
+  assert np.isfinite(moe_sharded).all()
+  np.testing.assert_allclose(moe_sharded, moe_single, rtol=2e-5)
+  record = report["moe_sharded_last_record"]
+  assert len(record["train/layer1/moe/expert_load"]) == 4
+  np.testing.assert_allclose(record["train/layer1/moe/expert_load"],
+                             report["moe_single_last_record"]["train/layer1/moe/expert_load"], atol=1e-6)
+  assert record["train/aux_loss"] > 0
 
 
 def _free_port() -> int:
