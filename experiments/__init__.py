@@ -1,8 +1,11 @@
 """Experiments registry: `experiments/<name>.py` defines `config() -> RunConfig`.
 
-Each file's docstring gives the exact command that runs it and what to expect.
+Each file's docstring gives the exact command that runs it and what to expect. A study may also define
+`VARIANTS: dict[str, list[str]]`, its ablation grid: named lists of `--set` overrides on the base config,
+run with `sparseformer train --experiment NAME --variant VARIANT`.
 """
 
+import dataclasses
 import difflib
 import importlib
 import pkgutil
@@ -15,8 +18,14 @@ def names() -> list[str]:
   return sorted(module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("_"))
 
 
-def get(name: str) -> RunConfig:
-  """The base RunConfig of experiment `name` (ValueError listing close names if it does not exist)."""
+def variants(name: str) -> dict[str, list[str]]:
+  """The ablation grid of experiment `name` ({} when it has none)."""
+  get(name)
+  return dict(getattr(importlib.import_module(f"{__name__}.{name}"), "VARIANTS", {}))
+
+
+def get(name: str, variant: str | None = None) -> RunConfig:
+  """The RunConfig of experiment `name`, with `variant`'s overrides applied (ValueErrors list close names)."""
   if name not in names():
     close = difflib.get_close_matches(name, names(), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -25,7 +34,14 @@ def get(name: str) -> RunConfig:
   config = module.config()
   if not isinstance(config, RunConfig):
     raise TypeError(f"experiments/{name}.py: config() must return a RunConfig, got {type(config).__name__}.")
-  return config
+  if variant is None:
+    return config
+  grid = getattr(module, "VARIANTS", {})
+  if variant not in grid:
+    raise ValueError(f"Experiment {name!r} has no variant {variant!r}; choose one of {sorted(grid) or 'none'}.")
+  from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
+
+  return overrides.apply_overrides(dataclasses.replace(config, name=f"{config.name}-{variant}"), grid[variant])
 
 
 def describe(name: str) -> str:

@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
 
   train = commands.add_parser("train", help="train (or resume) a run")
   train.add_argument("--experiment", default="quickstart", help="experiments/<name>.py (see `experiments`)")
-  train.add_argument("--workdir", help="run directory (default: runs/<experiment>); an existing run resumes")
+  train.add_argument("--variant", help="a named entry of the experiment's ablation grid (VARIANTS)")
+  train.add_argument("--workdir", help="run directory (default: runs/<experiment>[-<variant>]); an existing run "
+                     "resumes")
   train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set train.steps=100 --set model.dtype=bfloat16")
   _add_distributed_flags(train)
@@ -42,15 +44,16 @@ def _parser() -> argparse.ArgumentParser:
 
   show = commands.add_parser("show-config", help="print the resolved config of an experiment as JSON")
   show.add_argument("--experiment", default="quickstart")
+  show.add_argument("--variant")
   show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   return parser
 
 
-def _resolved_config(experiment: str, assignments: list[str]):
+def _resolved_config(experiment: str, variant: str | None, assignments: list[str]):
   from sparseformer import experiments  # pylint: disable=import-outside-toplevel
   from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
 
-  return overrides.apply_overrides(experiments.get(experiment), assignments)
+  return overrides.apply_overrides(experiments.get(experiment, variant), assignments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +73,23 @@ def _run(args: argparse.Namespace) -> int:
     from sparseformer import experiments  # pylint: disable=import-outside-toplevel
 
     for name in experiments.names():
-      print(f"== {name}\n{experiments.describe(name)}\n")
+      grid = experiments.variants(name)
+      listing = f"\nvariants: {', '.join(grid)}" if grid else ""
+      print(f"== {name}\n{experiments.describe(name)}{listing}\n")
     return 0
   if args.command == "show-config":
     from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
 
-    print(json.dumps(overrides.to_dict(_resolved_config(args.experiment, args.overrides)), indent=2))
+    print(json.dumps(overrides.to_dict(_resolved_config(args.experiment, args.variant, args.overrides)), indent=2))
     return 0
 
   from sparseformer.train import distributed, trainer  # pylint: disable=import-outside-toplevel
 
   if args.command == "train":
-    config = _resolved_config(args.experiment, args.overrides)  # config errors before any start-up cost
+    config = _resolved_config(args.experiment, args.variant, args.overrides)  # errors before any start-up cost
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    summary = trainer.train(config, args.workdir or os.path.join("runs", args.experiment))
+    default_workdir = os.path.join("runs", args.experiment + (f"-{args.variant}" if args.variant else ""))
+    summary = trainer.train(config, args.workdir or default_workdir)
     if distributed.is_multiprocess():  # every process reports, so a launcher can check that they agree
       import jax  # pylint: disable=import-outside-toplevel
 

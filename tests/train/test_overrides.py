@@ -58,3 +58,13 @@ def test_experiment_registry_lists_and_rejects():
 def test_assignment_order_does_not_matter_for_validation():
   config = overrides.apply_overrides(RunConfig(), ["model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2"])
   assert (config.model.d_model, config.model.num_heads) == (32, 2)
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_every_experiment_and_variant_resolves(name):
+  assert experiments.get(name).name
+  for variant in experiments.variants(name):
+    config = experiments.get(name, variant)
+    assert config.name.endswith(variant)
+  with pytest.raises(ValueError, match="no variant"):
+    experiments.get(name, "no_such_variant")
