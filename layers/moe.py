@@ -117,7 +117,7 @@ class MoEFeedForward(nnx.Module):
           topk_groups=config.topk_groups)
       scores, expert_index = routed.scores, routed.expert_index
       capacity = routing.expert_capacity(group_size, k, num_experts, config.capacity_factor)
-      options = dict(num_experts=num_experts, dispatch=config.dispatch, block_size=config.block_size,
+      options = dict(num_experts=num_experts, dispatch=config.dispatch, grouped_options=config.grouped_options,
                      group_size=group_size, capacity=capacity)
       if plan is None:
         y, kept = moe_parallel.local_token_choice(x_flat, expert_index, routed.gates, weights, **options)

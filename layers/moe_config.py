@@ -25,6 +25,7 @@ DROPLESS_DISPATCHES = ("dropless_gather", "dropless_ragged_dot")
 DISPATCHES = CAPACITY_DISPATCHES + DROPLESS_DISPATCHES
 # Named in the design, not built yet; rejected with a pointer to the working ones.
 PLANNED_DISPATCHES = ("dropless_pallas",)
+GATHER_SCHEDULES = ("auto", "loop", "batched")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class MoEConfig:
   capacity_factor: float = 1.25  # capacity_* dispatch and expert_choice: slots per expert = ceil(cf * group * k / E)
   capacity_group_size: int = 0  # tokens per capacity group; 0 = one group per sequence
   block_size: int = 64  # rows per grouped-matmul block in dropless_gather (padding waste < E * block_size rows)
+  gather_schedule: str = "auto"  # dropless_gather: loop (CPU) | batched (GPU/TPU) | auto (by backend)
 
   # --- balancing
   aux_loss_alpha: float = 0.01  # Switch load-balance loss alpha * E * sum_i f_i P_i (= alpha when uniform)
@@ -90,6 +92,8 @@ class MoEConfig:
       fail("gate_norm", self.gate_norm, f"choose one of {GATE_NORMS}")
     if self.routing not in ROUTINGS:
       fail("routing", self.routing, f"choose one of {ROUTINGS}")
+    if self.gather_schedule not in GATHER_SCHEDULES:
+      fail("gather_schedule", self.gather_schedule, f"choose one of {GATHER_SCHEDULES}")
     if self.dispatch in PLANNED_DISPATCHES:
       fail("dispatch", self.dispatch,
            f"the Pallas grouped-matmul kernel is not available yet; use one of {DISPATCHES}")
@@ -149,6 +153,13 @@ class MoEConfig:
   def dropless(self) -> bool:
     """Whether every (token, expert) assignment is computed (no capacity limit)."""
     return self.routing == "token_choice" and self.dispatch in DROPLESS_DISPATCHES
+
+  @property
+  def grouped_options(self) -> dict[str, Any]:
+    """Keyword options of the grouped SwiGLU behind the dropless dispatch."""
+    if self.dispatch == "dropless_gather":
+      return dict(block_size=self.block_size, schedule=self.gather_schedule)
+    return {}
 
   def validate_mesh(self, axis_sizes: Mapping[str, int]) -> None:
     """Checks this config against a device mesh ({axis name: size}, e.g. dict(mesh.shape)).

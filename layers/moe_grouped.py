@@ -8,10 +8,17 @@ x's dtype.
 
 - `grouped_swiglu_reference`: runs every expert on every row and masks (O(E*M)); tests only.
 - `grouped_swiglu_ragged`: three `jax.lax.ragged_dot` calls, differentiated by JAX.
-- `grouped_swiglu_blocked`: pure JAX, a loop over blocks of `block_size` rows of one
-  expert each, with a hand-written backward (custom_vjp). Only the blocks that hold
-  rows are visited (dynamic trip count), so cost follows the real rows plus at most
-  one partial block per expert, and no padded copy of the rows is made.
+- `grouped_swiglu_blocked`: pure JAX over blocks of `block_size` rows, each block
+  inside one expert's rows (every expert's rows padded up to whole blocks). Two
+  schedules of the same computation:
+  * "loop" (CPU default): a loop over the blocks in use with a hand-written
+    backward (custom_vjp). Only blocks that hold rows are visited (dynamic trip
+    count), so cost follows the real rows plus at most one partial block per
+    expert, and no padded copy of the rows is made.
+  * "batched" (GPU / TPU default): rows gathered into the static worst-case block
+    layout [ceil(M / bs) + E, bs, D] and one batched matmul against per-block
+    gathered weights; differentiated by JAX. Computes the empty blocks too, but
+    as a few large kernels instead of a serial loop of small ones.
 """
 
 from __future__ import annotations
@@ -75,6 +82,30 @@ def _block_schedule(group_sizes: jax.Array, block_size: int, num_rows: int):
   return expert.astype(jnp.int32), row_start.astype(jnp.int32), rows.astype(jnp.int32), block_ends[-1]
 
 
+def _grouped_swiglu_batched(x_sorted, group_sizes, w_gate, w_up, w_down, block_size):
+  num_rows, dim = x_sorted.shape
+  num_experts = group_sizes.shape[0]
+  block_expert, _, _, _ = _block_schedule(group_sizes, block_size, num_rows)
+  num_slots = block_expert.shape[0] * block_size
+  blocks_per_group = (group_sizes + block_size - 1) // block_size
+  padded_start = (jnp.cumsum(blocks_per_group) - blocks_per_group) * block_size  # [E]
+  group_start = jnp.cumsum(group_sizes) - group_sizes
+  row_group = _row_group(group_sizes, num_rows)
+  is_row = row_group < num_experts
+  safe_group = jnp.minimum(row_group, num_experts - 1)
+  # Padded slot of each sorted row; padding rows go to a trash slot past the end.
+  slot = jnp.where(is_row, padded_start[safe_group] + jnp.arange(num_rows) - group_start[safe_group], num_slots)
+  slot_row = jnp.full((num_slots + 1,), num_rows, jnp.int32).at[slot].set(
+      jnp.arange(num_rows, dtype=jnp.int32))[:num_slots]  # source row per slot; num_rows = zero row
+  x_blocks = jnp.concatenate([x_sorted, jnp.zeros((1, dim), x_sorted.dtype)])[slot_row]
+  x_blocks = x_blocks.reshape(-1, block_size, dim)  # [blocks, bs, D]
+  gate = jnp.einsum("bsd,bdf->bsf", x_blocks, w_gate[block_expert])
+  up = jnp.einsum("bsd,bdf->bsf", x_blocks, w_up[block_expert])
+  y_blocks = jnp.einsum("bsf,bfd->bsd", jax.nn.silu(gate) * up, w_down[block_expert])
+  y = y_blocks.reshape(num_slots, dim)[jnp.minimum(slot, num_slots - 1)]
+  return jnp.where(is_row[:, None], y, 0).astype(x_sorted.dtype)
+
+
 def _silu_grad(z):
   s = jax.nn.sigmoid(z)
   return s * (1 + z * (1 - s))
@@ -129,8 +160,21 @@ def _blocked_forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_size):
   return y[:num_rows], (gate_all, up_all)
 
 
-def grouped_swiglu_blocked(x_sorted, group_sizes, w_gate, w_up, w_down, block_size: int = 64):
-  """Grouped SwiGLU by a loop over the used row blocks; see the module docstring."""
+SCHEDULES = ("auto", "loop", "batched")
+
+
+def grouped_swiglu_blocked(x_sorted, group_sizes, w_gate, w_up, w_down, block_size: int = 64,
+                           schedule: str = "auto"):
+  """Grouped SwiGLU over row blocks of one expert each; see the module docstring.
+
+  schedule: "loop" | "batched" | "auto" (loop on CPU, batched elsewhere).
+  """
+  if schedule == "auto":
+    schedule = "loop" if jax.default_backend() == "cpu" else "batched"
+  if schedule == "batched":
+    return _grouped_swiglu_batched(x_sorted, group_sizes, w_gate, w_up, w_down, block_size)
+  if schedule != "loop":
+    raise ValueError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
   # Inside shard_map, give every input the same varying mesh axes before the custom_vjp: JAX then
   # differentiates this implicit broadcast itself (summing the weight gradients over the token shards).
   inputs = _varying_like(x_sorted, group_sizes, w_gate, w_up, w_down)(

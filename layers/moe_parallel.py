@@ -29,6 +29,7 @@ so they are global-batch statistics by construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -109,17 +110,20 @@ def expert_parallel_buffer_fn(weights, plan: ExpertParallelPlan):
   return buffer_fn
 
 
-def local_rows_fn(weights, dispatch: str, block_size: int, plan=None):
-  """Sorted rows through the grouped SwiGLU of the (local) experts; sums the tensor split."""
-  grouped = GROUPED_SWIGLU[dispatch]
-  extra = (block_size,) if dispatch == "dropless_gather" else ()
-  return lambda x_sorted, sizes: _sum_over_tensor(grouped(x_sorted, sizes, *weights, *extra), plan)
+def local_rows_fn(weights, dispatch: str, grouped_options: dict, plan=None):
+  """Sorted rows through the grouped SwiGLU of the (local) experts; sums the tensor split.
+
+  grouped_options: keyword arguments of the dispatch's grouped SwiGLU (dropless_gather:
+  block_size and schedule).
+  """
+  grouped = functools.partial(GROUPED_SWIGLU[dispatch], **grouped_options)
+  return lambda x_sorted, sizes: _sum_over_tensor(grouped(x_sorted, sizes, *weights), plan)
 
 
-def expert_parallel_rows_fn(weights, dispatch: str, block_size: int, plan: ExpertParallelPlan):
+def expert_parallel_rows_fn(weights, dispatch: str, grouped_options: dict, plan: ExpertParallelPlan):
   """Rows sorted by (global) expert -> their expert shards -> grouped SwiGLU -> back, in place."""
   shards, axis = plan.expert_shards, plan.expert_axis
-  local = local_rows_fn(weights, dispatch, block_size, plan)
+  local = local_rows_fn(weights, dispatch, grouped_options, plan)
 
   def rows_fn(x_sorted, group_sizes):
     num_rows, dim = x_sorted.shape
@@ -173,7 +177,7 @@ def _check_tokens(num, plan, what):
 
 
 def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParallelPlan, num_experts: int,
-                         dispatch: str, block_size: int, group_size: int, capacity: int):
+                         dispatch: str, grouped_options: dict, group_size: int, capacity: int):
   """Token-choice dispatch of x [N, D] under `plan`: returns y [N, D] and kept [N, k] (all True if dropless)."""
   _check_tokens(x.shape[0], plan, "tokens")
   tokens = P(plan.token_axes or None, None)
@@ -181,7 +185,7 @@ def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParalle
   def local(x, expert_index, gates, *weights):
     if dispatch.startswith("dropless"):
       make = expert_parallel_rows_fn if plan.expert_axis else local_rows_fn
-      rows_fn = make(weights, dispatch, block_size, plan)
+      rows_fn = make(weights, dispatch, grouped_options, plan)
       y = moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn)
       return y, jnp.ones(expert_index.shape, bool)
     make = expert_parallel_buffer_fn if plan.expert_axis else local_buffer_fn
@@ -210,10 +214,10 @@ def sharded_expert_choice(x, slot_token, slot_gate, weights, *, plan: ExpertPara
 
 
 def local_token_choice(x, expert_index, gates, weights, *, num_experts: int, dispatch: str,
-                       block_size: int, group_size: int, capacity: int):
+                       grouped_options: dict, group_size: int, capacity: int):
   """The same dispatch on one device (no mesh): y [N, D], kept [N, k]."""
   if dispatch.startswith("dropless"):
-    rows_fn = local_rows_fn(weights, dispatch, block_size)
+    rows_fn = local_rows_fn(weights, dispatch, grouped_options)
     y = moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn)
     return y, jnp.ones(expert_index.shape, bool)
   return moe_dispatch.token_choice_capacity(

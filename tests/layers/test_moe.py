@@ -65,12 +65,23 @@ def _random_problem(seed, num_tokens=48, dim=16, hidden=8, num_experts=6, k=2, s
   return x, expert_index, gates, weights, cotangent
 
 
+# (dispatch, grouped SwiGLU options): dropless_gather in both schedules, with small blocks.
+VARIANTS = {
+    "gather_loop": ("dropless_gather", (("block_size", 4), ("schedule", "loop"))),
+    "gather_batched": ("dropless_gather", (("block_size", 4), ("schedule", "batched"))),
+    "ragged_dot": ("dropless_ragged_dot", ()),
+    "capacity_scatter": ("capacity_scatter", ()),
+    "capacity_einsum": ("capacity_einsum", ()),
+}
+
+
 @functools.cache
-def _dispatch_value_and_grad(dispatch, num_experts, group_size, capacity, block_size=4):
+def _dispatch_value_and_grad(variant, num_experts, group_size, capacity):
+  dispatch, grouped_options = VARIANTS[variant]
   def loss(x, gates, weights, expert_index, cotangent):
     y, kept = moe_parallel.local_token_choice(
-        x, expert_index, gates, weights, num_experts=num_experts, dispatch=dispatch, block_size=block_size,
-        group_size=group_size, capacity=capacity)
+        x, expert_index, gates, weights, num_experts=num_experts, dispatch=dispatch,
+        grouped_options=dict(grouped_options), group_size=group_size, capacity=capacity)
     return jnp.sum(y * cotangent), (y, kept)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -91,16 +102,16 @@ def _assert_close(got, want, tol=1e-4):
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("k", [2, pytest.param(1, marks=SLOW), pytest.param(3, marks=SLOW)])
 @SETTINGS
 @hypothesis.given(seed=st.integers(0, 2**31 - 1))
-def test_dispatch_equals_naive_reference(dispatch, k, seed):
+def test_dispatch_equals_naive_reference(variant, k, seed):
   """Ample capacity: every path computes every pair; values and gradients equal the expert loop."""
   x, expert_index, gates, weights, cotangent = _random_problem(seed, k=k, skew=0.5)
   num_tokens, num_experts = x.shape[0], weights[0].shape[0]
   group_size = 16
-  fn = _dispatch_value_and_grad(dispatch, num_experts, group_size, capacity=group_size * k)
+  fn = _dispatch_value_and_grad(variant, num_experts, group_size, capacity=group_size * k)
   (value, (y, kept)), grads = fn(x, gates, weights, jnp.asarray(expert_index), cotangent)
   want_value, want_grads = _reference_value_and_grad(x, expert_index, gates, weights, cotangent)
   assert np.asarray(kept).all()
@@ -108,14 +119,14 @@ def test_dispatch_equals_naive_reference(dispatch, k, seed):
   _assert_close((value, grads), (want_value, want_grads))
 
 
-@pytest.mark.parametrize("dispatch", ["capacity_scatter", pytest.param("capacity_einsum", marks=SLOW)])
+@pytest.mark.parametrize("variant", ["capacity_scatter", pytest.param("capacity_einsum", marks=SLOW)])
 @SETTINGS
 @hypothesis.given(seed=st.integers(0, 2**31 - 1))
-def test_capacity_drops_match_reference(dispatch, seed):
+def test_capacity_drops_match_reference(variant, seed):
   """Tight capacity: the dropped pairs are those of the token-major rule; kept ones are exact."""
   x, expert_index, gates, weights, cotangent = _random_problem(seed, k=2, skew=0.7)
   num_experts, group_size, capacity = weights[0].shape[0], 16, 4
-  fn = _dispatch_value_and_grad(dispatch, num_experts, group_size, capacity)
+  fn = _dispatch_value_and_grad(variant, num_experts, group_size, capacity)
   (value, (y, kept)), grads = fn(x, gates, weights, jnp.asarray(expert_index), cotangent)
   want_kept = naive_kept(expert_index, capacity, group_size)
   np.testing.assert_array_equal(np.asarray(kept), want_kept)
@@ -124,8 +135,9 @@ def test_capacity_drops_match_reference(dispatch, seed):
   _assert_close((value, grads), (want_value, want_grads))
 
 
+@pytest.mark.parametrize("schedule", ["loop", "batched"])
 @pytest.mark.parametrize("block_size", [2, pytest.param(64, marks=SLOW)])
-def test_grouped_swiglu_blocked_matches_reference_with_padding_rows(block_size):
+def test_grouped_swiglu_blocked_matches_reference_with_padding_rows(block_size, schedule):
   rng = np.random.default_rng(block_size)
   num_experts, dim, hidden, rows = 5, 8, 12, 40
   group_sizes = jnp.asarray([7, 0, 20, 3, 5], jnp.int32)  # 35 real rows, 5 padding rows
@@ -136,10 +148,11 @@ def test_grouped_swiglu_blocked_matches_reference_with_padding_rows(block_size):
   def value_and_grad(fn):
     return jax.value_and_grad(lambda x, *w: jnp.sum(fn(x, group_sizes, *w) * cotangent),
                               argnums=(0, 1, 2, 3))(x, *weights)
-  got = value_and_grad(jax.jit(functools.partial(moe_grouped.grouped_swiglu_blocked, block_size=block_size)))
+  blocked = functools.partial(moe_grouped.grouped_swiglu_blocked, block_size=block_size, schedule=schedule)
+  got = value_and_grad(jax.jit(blocked))
   want = value_and_grad(jax.jit(moe_grouped.grouped_swiglu_reference))
   _assert_close(got, want)
-  y = np.asarray(moe_grouped.grouped_swiglu_blocked(x, group_sizes, *weights, block_size))
+  y = np.asarray(jax.jit(blocked)(x, group_sizes, *weights))
   assert np.isfinite(y).all() and (y[35:] == 0).all()
 
 
@@ -303,6 +316,7 @@ def test_presets_build_and_run_small(name):
     (dict(routing="expert_choice", dispatch="dropless_gather"), "dispatch"),
     (dict(routing="expert_choice", dispatch="capacity_scatter", selection_bias=True), "routing"),
     (dict(jitter=1.5), "jitter"),
+    (dict(gather_schedule="fast"), "gather_schedule"),
     (dict(aux_loss_alpha=-0.1), "aux_loss_alpha"),
 ])
 def test_bad_configs_fail_at_construction(overrides, field):

@@ -30,7 +30,7 @@ CASES = {  # name -> (mesh, MoEConfig overrides per run)
         dict(dispatch="dropless_ragged_dot"), dict(dispatch="capacity_einsum", capacity_factor=1.0),
         dict(routing="expert_choice", dispatch="capacity_scatter", allow_noncausal_routing=True),
         dict(dispatch="dropless_gather", score_function="sigmoid", n_groups=4, topk_groups=2,
-             num_shared_experts=1)]),
+             num_shared_experts=1, gather_schedule="batched")]),
     "fsdp2_tensor2_expert2": ("fsdp2_tensor2_expert2", [
         dict(dispatch="dropless_gather"), dict(dispatch="dropless_ragged_dot"),
         dict(dispatch="capacity_scatter", capacity_factor=1.0), dict(dispatch="capacity_einsum")]),
