@@ -95,7 +95,8 @@ SWEEP_FWD = (
     BlockSizes(block_q=128, block_kv=64, num_warps=8, num_stages=3),  # the first run's default
 )
 SWEEP_BWD = (
-    BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4),  # default
+    BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+               num_warps_bwd=4),  # default
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4,
                num_stages_bwd=3),
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=4),
@@ -216,7 +217,7 @@ def _error(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ 1. correctness
-def check_correctness(cfg: Settings, results: list) -> None:
+def check_correctness(cfg: Settings, results: list, block_sizes: BlockSizes | None = None) -> None:
   from sparseformer.layers.sparse_attention import reference_attention
   cases = [(name, cfg.heads) for name in cfg.layout_names]
   cases.append(("local_1k", cfg.check_gqa_kv_heads))
@@ -227,7 +228,7 @@ def check_correctness(cfg: Settings, results: list) -> None:
       layout = make_layout(cfg, name, cfg.check_seq)
       q, k, v, d_out = inputs(cfg.check_seq, 1, cfg.heads, kv_heads, cfg.head_dim, cfg.dtype,
                               seed=1)
-      got = jax.jit(fwd_bwd_fn(kernel_fn(cfg, layout)))(q, k, v, d_out)
+      got = jax.jit(fwd_bwd_fn(kernel_fn(cfg, layout, block_sizes)))(q, k, v, d_out)
       f32 = lambda x: x.astype(jnp.float32)
       with jax.default_matmul_precision("highest"):  # no TF32 in the f32 reference
         ref = jax.jit(fwd_bwd_fn(lambda q, k, v: reference_attention(q, k, v, layout)))(

@@ -84,7 +84,8 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
   interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
   tiles = common.resolve_tiles(block_sizes, layout_block_q=meta.block_q,
                                layout_block_kv=meta.block_kv, head_dim=q.shape[3],
-                               platform=platform, interpret=interpret)
+                               platform=platform, interpret=interpret,
+                               itemsize=jnp.dtype(q.dtype).itemsize)
   scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
   config = _Config(meta=meta, tiles=tiles, scale=scale, interpret=interpret, platform=platform)
   return _attention(config, q, k, v, arrays)

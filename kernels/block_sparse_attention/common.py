@@ -56,9 +56,16 @@ class BlockSizes:
   block_q_dkv: int | None = None  # dK/dV kernel: query rows per inner-loop step
   block_kv_dkv: int | None = None  # dK/dV kernel: key rows per program
   num_warps: int | None = None  # GPU forward warps (None: 4 if tile*head_dim small else 8)
-  num_stages: int = 2  # GPU forward software-pipelining stages
-  num_warps_bwd: int | None = None  # GPU backward warps (None: 4)
-  num_stages_bwd: int = 2  # GPU backward pipelining stages
+  num_stages: int | None = None  # GPU forward pipelining stages (None: 3 for 16-bit inputs, else 2)
+  num_warps_bwd: int | None = None  # GPU dK/dV kernel warps (None: 4)
+  num_stages_bwd: int = 2  # GPU dK/dV kernel pipelining stages
+  num_warps_dq: int | None = None  # GPU dQ kernel warps (None: num_warps_bwd)
+  num_stages_dq: int | None = None  # GPU dQ kernel pipelining stages (None: num_stages_bwd)
+  # GPU: accumulate dQ inside the dK/dV kernel with f32 atomic adds instead of a separate dQ
+  # kernel (5 instead of 7 matmuls per visited block pair; summation order nondeterministic).
+  # None: the platform default (False on TPU, which has no atomics; the block_*_dq fields are
+  # then unused).
+  fused_dq: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,9 @@ class Tiles:
   num_stages: int
   num_warps_bwd: int
   num_stages_bwd: int
+  num_warps_dq: int
+  num_stages_dq: int
+  fused_dq: bool
 
 
 def div(x, n: int):
@@ -93,8 +103,12 @@ def _is_pow2(n: int) -> bool:
 
 
 def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block_kv: int,
-                  head_dim: int, platform: str, interpret: bool) -> Tiles:
-  """Fills defaults and checks tile constraints; raises ValueError naming the field and the fix."""
+                  head_dim: int, platform: str, interpret: bool, itemsize: int = 2) -> Tiles:
+  """Fills defaults and checks tile constraints; raises ValueError naming the field and the fix.
+
+  `itemsize` (bytes per input element) picks the GPU forward pipelining depth: three stages of
+  128x128 K/V tiles fit shared memory in 16-bit, not in f32.
+  """
   sizes = sizes or BlockSizes()
   if platform == "tpu":
     defaults = dict(block_q=layout_block_q, block_kv=layout_block_kv,
@@ -129,16 +143,28 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
   if num_warps is None:
     num_warps = 4 if values["block_q"] * head_dim < 128 * 128 else 8
   num_warps_bwd = sizes.num_warps_bwd if sizes.num_warps_bwd is not None else 4
-  for field, value in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd)):
+  num_warps_dq = sizes.num_warps_dq if sizes.num_warps_dq is not None else num_warps_bwd
+  for field, value in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd),
+                       ("num_warps_dq", num_warps_dq)):
     if not _is_pow2(value) or value > 16:
       raise ValueError(f"BlockSizes.{field}={value} must be 1, 2, 4, 8 or 16.")
-  for field in ("num_stages", "num_stages_bwd"):
-    if getattr(sizes, field) < 1:
-      raise ValueError(f"BlockSizes.{field}={getattr(sizes, field)} must be >= 1.")
+  num_stages = sizes.num_stages
+  if num_stages is None:
+    num_stages = 3 if itemsize <= 2 else 2
+  num_stages_dq = sizes.num_stages_dq if sizes.num_stages_dq is not None else sizes.num_stages_bwd
+  for field, value in (("num_stages", num_stages), ("num_stages_bwd", sizes.num_stages_bwd),
+                       ("num_stages_dq", num_stages_dq)):
+    if value < 1:
+      raise ValueError(f"BlockSizes.{field}={value} must be >= 1.")
+  fused_dq = bool(sizes.fused_dq) if sizes.fused_dq is not None else False
+  if fused_dq and platform == "tpu":
+    raise ValueError("BlockSizes.fused_dq=True needs atomic adds, which the TPU kernels do not "
+                     "use; leave it None or False on TPU.")
   return Tiles(fwd_q=values["block_q"], fwd_kv=values["block_kv"], dq_q=values["block_q_dq"],
                dq_kv=values["block_kv_dq"], dkv_q=values["block_q_dkv"],
-               dkv_kv=values["block_kv_dkv"], num_warps=num_warps, num_stages=sizes.num_stages,
-               num_warps_bwd=num_warps_bwd, num_stages_bwd=sizes.num_stages_bwd)
+               dkv_kv=values["block_kv_dkv"], num_warps=num_warps, num_stages=num_stages,
+               num_warps_bwd=num_warps_bwd, num_stages_bwd=sizes.num_stages_bwd,
+               num_warps_dq=num_warps_dq, num_stages_dq=num_stages_dq, fused_dq=fused_dq)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +345,13 @@ def dq_step(dq: jax.Array, s: jax.Array, lse2: jax.Array, delta: jax.Array, do: 
   return dq + lax.dot_general(ds.astype(k.dtype), k, NN_DIMS, preferred_element_type=jnp.float32)
 
 
+def _dkv_parts(s_t, lse2_row, delta_row, do, v):
+  """p^T [tk, tq] and dS^T [tk, tq] (both f32) of one tile pair, keys on rows."""
+  p_t = jnp.exp2(s_t - lse2_row)
+  dp_t = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)
+  return p_t, p_t * (dp_t - delta_row)
+
+
 def dkv_step(carry, s_t: jax.Array, lse2_row: jax.Array, delta_row: jax.Array, q: jax.Array,
              do: jax.Array, v: jax.Array):
   """dK (unscaled) / dV accumulation for one tile pair, keys on rows (`s_t = k @ q^T`).
@@ -326,9 +359,22 @@ def dkv_step(carry, s_t: jax.Array, lse2_row: jax.Array, delta_row: jax.Array, q
   s_t [tk, tq] base-2 logits (masked: -inf), lse2_row/delta_row [1, tq], q/do [tq, D], v [tk, D].
   """
   dk, dv = carry
-  p_t = jnp.exp2(s_t - lse2_row)
+  p_t, ds_t = _dkv_parts(s_t, lse2_row, delta_row, do, v)
   dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN_DIMS, preferred_element_type=jnp.float32)
-  dp_t = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)
-  ds_t = p_t * (dp_t - delta_row)
   dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, NN_DIMS, preferred_element_type=jnp.float32)
   return dk, dv
+
+
+def dkv_dq_step(carry, s_t: jax.Array, lse2_row: jax.Array, delta_row: jax.Array, q: jax.Array,
+                do: jax.Array, k: jax.Array, v: jax.Array):
+  """`dkv_step` that also returns this pair's dQ contribution (unscaled) `dS @ k` [tq, D] f32.
+
+  Used by the fused GPU backward (dQ summed over key tiles with atomic adds); k [tk, D].
+  """
+  dk, dv = carry
+  p_t, ds_t = _dkv_parts(s_t, lse2_row, delta_row, do, v)
+  ds_t = ds_t.astype(q.dtype)
+  dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN_DIMS, preferred_element_type=jnp.float32)
+  dk = dk + lax.dot_general(ds_t, q, NN_DIMS, preferred_element_type=jnp.float32)
+  dq = lax.dot_general(ds_t, k, TN_DIMS, preferred_element_type=jnp.float32)
+  return (dk, dv), dq

@@ -115,14 +115,14 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
 
 
 def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tq: int, tk: int,
+               do_ref, lse2_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tq: int, tk: int,
                scale: float):
   i, h = _query_tile(meta, tq), pl.program_id(2)
   hl = h if meta.layout_heads > 1 else 0
   q_block, q_off = _split(i, meta.block_q // tq, tq)
   kv_sub = meta.block_kv // tk
   q, do = q_ref[...], do_ref[...]  # [tq, D]
-  lse2 = common.lse_to_base2(lse_ref[...])[:, None]  # [tq, 1]
+  lse2 = lse2_ref[...][:, None]  # [tq, 1]
   delta = delta_ref[...][:, None]
 
   def body(t, dq):
@@ -141,8 +141,17 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_r
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_ref, v_ref,
-                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, meta: LayoutMeta, tq: int,
-                tk: int, group: int, scale: float):
+                do_ref, lse2_ref, delta_ref, *refs, meta: LayoutMeta, tq: int, tk: int,
+                group: int, scale: float, fused_dq: bool):
+  """dK/dV of one key tile; with `fused_dq` also adds dS @ k into the f32 dQ buffer (atomics).
+
+  refs: (dk_ref, dv_ref), or with fused_dq (dq_in_ref, dk_ref, dv_ref, dq_ref), where dq_ref
+  aliases the zero-initialised dq_in buffer [B, Tp, H, D] f32.
+  """
+  if fused_dq:
+    _, dk_ref, dv_ref, dq_ref = refs
+  else:
+    dk_ref, dv_ref = refs
   i, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_block, k_off = _split(i, meta.block_kv // tk, tk)
   q_sub = meta.block_q // tq
@@ -160,9 +169,14 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_r
       s_t = common.mask_partial(
           s_t, q_mask_id_ref[hl, kv_block, j],
           lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)] != 0)
-      lse2 = common.lse_to_base2(lse_ref[b, h, pl.ds(start, tq)])[None, :]  # [1, tq]
+      lse2 = lse2_ref[b, h, pl.ds(start, tq)][None, :]  # [1, tq]
       delta = delta_ref[b, h, pl.ds(start, tq)][None, :]
-      return common.dkv_step(carry, s_t, lse2, delta, q, do_ref[b, pl.ds(start, tq), h, :], v)
+      do = do_ref[b, pl.ds(start, tq), h, :]
+      if not fused_dq:
+        return common.dkv_step(carry, s_t, lse2, delta, q, do, v)
+      carry, dq = common.dkv_dq_step(carry, s_t, lse2, delta, q, do, k, v)
+      plgpu.atomic_add(dq_ref, (b, pl.ds(start, tq), h, slice(None)), dq)
+      return carry
 
     return lax.fori_loop(0, q_count_ref[hl, kv_block] * q_sub, body, carry)
 
@@ -175,19 +189,17 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_r
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
-             scale: float, interpret: bool):
-  """Padded inputs; lse/delta f32 [B, H, Tp] (delta already includes -dlse) -> (dq, dk, dv)."""
+def dq_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
+            scale: float, interpret: bool):
+  """The dQ kernel: padded q/do [B, Tp, H, D], k/v [B, Sp, KVH, D], lse2 (base 2, `+inf` for
+  empty rows) and delta f32 [B, H, Tp] -> dq [B, Tp, H, D] in q.dtype."""
   batch, seq_q, heads, head_dim = q.shape
   seq_kv, kv_heads = k.shape[1], k.shape[2]
-  group = heads // kv_heads
-  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages_bwd)
-
   tq, tk = tiles.dq_q, tiles.dq_kv
-  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), _kv_head_map(group))
+  kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), _kv_head_map(heads // kv_heads))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   row_spec = pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, meta=meta, tq=tq, tk=tk, scale=scale),
       grid=(seq_q // tq, batch, heads),
       in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
@@ -195,26 +207,59 @@ def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
                 tile_spec, kv_spec, kv_spec, tile_spec, row_spec, row_spec],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_dq,
+                                           num_stages=tiles.num_stages_dq),
       interpret=interpret,
       name="block_sparse_attention_dq",
   )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, _int8(arrays.partial_masks),
-    q, k, v, do, lse, delta)
+    q, k, v, do, lse2, delta)
 
+
+def dkv_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
+             scale: float, interpret: bool):
+  """The dK/dV kernel (inputs as `dq_call`) -> (dk, dv) in k.dtype, plus with `tiles.fused_dq`
+  the f32 dq [B, Tp, H, D] (unscaled, summed by atomic adds)."""
+  batch, seq_q, heads, head_dim = q.shape
+  seq_kv, kv_heads = k.shape[1], k.shape[2]
   tq, tk = tiles.dkv_q, tiles.dkv_kv
+  fused = tiles.fused_dq
   masks_t = _int8(jnp.swapaxes(arrays.partial_masks, 1, 2))  # [P, block_kv, block_q]
   kv_tile_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, g: (b, i, g, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, meta=meta, tq=tq, tk=tk, group=group, scale=scale),
+  in_specs = [_full(arrays.q_index.shape), _full(arrays.q_count.shape),
+              _full(arrays.q_mask_id.shape), _full(masks_t.shape), _full(q.shape),
+              kv_tile_spec, kv_tile_spec, _full(do.shape), _full(lse2.shape), _full(delta.shape)]
+  args = [arrays.q_index, arrays.q_count, arrays.q_mask_id, masks_t, q, k, v, do, lse2, delta]
+  out_specs = [kv_tile_spec, kv_tile_spec]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  aliases = {}
+  if fused:  # dQ accumulator: zeros in, summed in place by every key tile that sees the row
+    in_specs.append(_full(q.shape))
+    args.append(jnp.zeros(q.shape, jnp.float32))
+    out_specs.append(_full(q.shape))
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    aliases = {len(args) - 1: 2}
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, meta=meta, tq=tq, tk=tk, group=heads // kv_heads,
+                        scale=scale, fused_dq=fused),
       grid=(seq_kv // tk, batch, kv_heads),
-      in_specs=[_full(arrays.q_index.shape), _full(arrays.q_count.shape),
-                _full(arrays.q_mask_id.shape), _full(masks_t.shape), _full(q.shape),
-                kv_tile_spec, kv_tile_spec, _full(do.shape), _full(lse.shape),
-                _full(delta.shape)],
-      out_specs=[kv_tile_spec, kv_tile_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
+                                           num_stages=tiles.num_stages_bwd),
       interpret=interpret,
-      name="block_sparse_attention_dkv",
-  )(arrays.q_index, arrays.q_count, arrays.q_mask_id, masks_t, q, k, v, do, lse, delta)
+      name="block_sparse_attention_dkv_dq" if fused else "block_sparse_attention_dkv",
+  )(*args)
+
+
+def backward(q, k, v, do, lse, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
+             scale: float, interpret: bool):
+  """Padded inputs; lse/delta f32 [B, H, Tp] (delta already includes -dlse) -> (dq, dk, dv)."""
+  lse2 = common.lse_to_base2(lse)  # once here instead of per tile in the kernels
+  if tiles.fused_dq:
+    dk, dv, dq = dkv_call(q, k, v, do, lse2, delta, arrays, meta, tiles, scale, interpret)
+    return (dq * scale).astype(q.dtype), dk, dv
+  dq = dq_call(q, k, v, do, lse2, delta, arrays, meta, tiles, scale, interpret)
+  dk, dv = dkv_call(q, k, v, do, lse2, delta, arrays, meta, tiles, scale, interpret)
   return dq, dk, dv

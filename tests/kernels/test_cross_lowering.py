@@ -162,3 +162,17 @@ def test_benchmark_smoke_run(tmp_path, request):
   assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path)]) == 0
   text = (tmp_path / "attention_gpu.md").read_text()
   assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
+
+
+from sparseformer.benchmarks import attention_gpu_tune as tune  # noqa: E402
+
+
+@pytest.mark.parametrize("sizes", tune.all_candidates(), ids=lambda s: str(
+    {k: v for k, v in s.__dict__.items() if v is not None}).replace(" ", ""))
+def test_tune_candidates_lower_for_cuda(sizes):
+  """Every tile candidate of benchmarks/attention_gpu_tune.py lowers (fwd+bwd: all kernels)."""
+  seq = tune.TUNE_SEQ
+  fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout("causal", seq), sizes))
+  text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
+                          CFG.dtype), "cuda")
+  assert _kernel_calls(text, "cuda") == (2 if sizes.fused_dq else 3)

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Per-kernel tile tuning of the GPU block-sparse attention kernels (forward, dQ, dK/dV).
+
+    python benchmarks/attention_gpu_tune.py --out DIR   # one GPU, ~2.5 min -> DIR/attention_gpu_tune.json
+
+Times each kernel on its own (forward, the dQ kernel, the split dK/dV kernel, and the fused
+dK/dV kernel that also accumulates dQ with atomic adds) for every candidate of `FWD`, `DQ`, `DKV`
+and `FUSED` at T = 16K, dense causal layout (batch = 32K / T, H = 16, D = 128, bf16), picks the
+fastest of each, then times whole forward+backward programs at T = 32K (dense causal and local
+2K) for the old defaults, the best split backward and the best fused backward, beside
+cuDNN dense causal in the same process; and checks the winners against `reference` at T = 4K
+(causal, and local 1K with GQA).
+The CPU tests lower every candidate here for ("cuda",) (tests/kernels/test_cross_lowering.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+if __package__ in (None, ""):  # run as a script from a bare checkout
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import attention_gpu as bench  # noqa: E402  (makes `import sparseformer` work)
+else:
+  from sparseformer.benchmarks import attention_gpu as bench
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from sparseformer.kernels.block_sparse_attention import BlockSizes, common, gpu  # noqa: E402
+
+CFG = bench.FULL
+TUNE_SEQ = 16384
+FINAL_CASES = ((32768, ("causal", "local_2k")),)  # (T, layouts) of totals
+# (tq, tk, warps, stages) per kernel; the first entry of each is the previous default.
+FWD = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
+DQ = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
+      (128, 32, 8, 3), (64, 32, 4, 3)]
+DKV = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3),
+       (64, 128, 8, 2), (64, 128, 8, 3)]
+FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
+         (64, 128, 8, 3)]
+OLD_DEFAULTS = BlockSizes(num_stages=2, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                          block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=2, fused_dq=False)
+
+
+def fwd_sizes(c) -> BlockSizes:
+  return BlockSizes(block_q=c[0], block_kv=c[1], num_warps=c[2], num_stages=c[3])
+
+
+def dq_sizes(c) -> BlockSizes:
+  return BlockSizes(block_q_dq=c[0], block_kv_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3])
+
+
+def dkv_sizes(c, fused: bool) -> BlockSizes:
+  return BlockSizes(block_q_dkv=c[0], block_kv_dkv=c[1], num_warps_bwd=c[2], num_stages_bwd=c[3],
+                    fused_dq=fused)
+
+
+def merge(*sizes: BlockSizes) -> BlockSizes:
+  """Later BlockSizes override the non-default fields of earlier ones."""
+  out, default = {}, dataclasses.asdict(BlockSizes())
+  for s in sizes:
+    out.update({k: v for k, v in dataclasses.asdict(s).items() if v != default[k]})
+  return BlockSizes(**out)
+
+
+def all_candidates() -> list[BlockSizes]:
+  """Every BlockSizes this script runs (the cross-lowering test lowers each for cuda)."""
+  return ([fwd_sizes(c) for c in FWD] + [dq_sizes(c) for c in DQ]
+          + [dkv_sizes(c, False) for c in DKV] + [dkv_sizes(c, True) for c in FUSED])
+
+
+def kernel_programs(layout, sizes: BlockSizes, seq: int):
+  """jitted (forward, dq, dkv) kernel programs on the padded arrays of this layout."""
+  arrays, meta = common.layout_to_arrays(layout, CFG.heads)
+  tiles = common.resolve_tiles(sizes, layout_block_q=meta.block_q, layout_block_kv=meta.block_kv,
+                               head_dim=CFG.head_dim, platform="gpu", interpret=CFG.interpret)
+  scale = CFG.head_dim ** -0.5
+  fwd = jax.jit(lambda q, k, v: gpu.forward(q, k, v, arrays, meta, tiles, scale, CFG.interpret))
+  bwd = lambda call: jax.jit(lambda q, k, v, do, lse2, delta: call(
+      q, k, v, do, lse2, delta, arrays, meta, tiles, scale, CFG.interpret))
+  return fwd, bwd(gpu.dq_call), bwd(gpu.dkv_call)
+
+
+def tune(budget: bench.Budget, report: dict) -> dict:
+  seq = TUNE_SEQ
+  layout = bench.make_layout(CFG, "causal", seq)
+  batch = bench.batch_for(CFG, seq)
+  q, k, v, do = bench.inputs(seq, batch, CFG.heads, CFG.heads, CFG.head_dim, CFG.dtype)
+  fwd, _, _ = kernel_programs(layout, BlockSizes(), seq)
+  out, lse = fwd(q, k, v)
+  lse2 = common.lse_to_base2(lse)
+  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+  flops_fwd = 4.0 * batch * bench.visited_pairs(layout, CFG.heads) * CFG.head_dim
+  best = {}
+  bwd_args = (q, k, v, do, lse2, delta)
+  fwd_plan = [("fwd", c, fwd_sizes(c), 0, (q, k, v), 2) for c in FWD]
+  dq_plan = [("dq", c, dq_sizes(c), 1, bwd_args, 3) for c in DQ]
+  dkv_plan = [("dkv", c, dkv_sizes(c, False), 2, bwd_args, 4) for c in DKV]
+  fused_plan = [("fused", c, dkv_sizes(c, True), 2, bwd_args, 5) for c in FUSED]
+  # Most informative first, in case the budget runs out: baselines, the fused kernel, the rest.
+  plan = (fwd_plan[:2] + dq_plan[:1] + dkv_plan[:1] + fused_plan + dkv_plan[1:] + dq_plan[1:]
+          + fwd_plan[2:])
+  for kind, c, sizes, which, args, matmuls in plan:
+    record = dict(kind=kind, seq=seq, tq=c[0], tk=c[1], warps=c[2], stages=c[3])
+    if not budget.left():
+      record["skipped"] = "time budget"
+      report["kernels"].append(record)
+      continue
+    try:
+      fn = kernel_programs(layout, sizes, seq)[which]
+      record["ms"], record["compile_s"] = bench.time_ms(fn, args, min_window_s=0.1)
+      record["tflops_hw"] = matmuls / 2 * flops_fwd / (record["ms"] * 1e-3) / 1e12
+      if kind not in best or record["ms"] < best[kind][0]:
+        best[kind] = (record["ms"], c)
+      bench.log(f"  [{kind:5s}] tq={c[0]:3d} tk={c[1]:3d} warps={c[2]} stages={c[3]}: "
+                f"{record['ms']:.3f} ms ({record['tflops_hw']:.0f} TF/s hw)  "
+                f"[{budget.elapsed():.0f}s]")
+    except Exception as exc:  # noqa: BLE001
+      record["error"] = bench._error(exc)
+      bench.log(f"  [{kind}] {c} FAILED: {record['error']}")
+    report["kernels"].append(record)
+  return {kind: c for kind, (_, c) in best.items()}
+
+
+def finals(budget: bench.Budget, best: dict, report: dict) -> dict[str, BlockSizes]:
+  fwd_best = fwd_sizes(best.get("fwd", FWD[0]))
+  combos = {"old_defaults": OLD_DEFAULTS}
+  if "dq" in best and "dkv" in best:
+    combos["best_split"] = merge(fwd_best, dq_sizes(best["dq"]), dkv_sizes(best["dkv"], False))
+  if "fused" in best:
+    combos["best_fused"] = merge(fwd_best, dkv_sizes(best["fused"], True))
+  report["combos"] = {name: {k: v for k, v in dataclasses.asdict(s).items() if v is not None}
+                      for name, s in combos.items()}
+  for seq, names in FINAL_CASES:
+    batch = bench.batch_for(CFG, seq)
+    q, k, v, do = bench.inputs(seq, batch, CFG.heads, CFG.heads, CFG.head_dim, CFG.dtype)
+    cases = [("cudnn", "dense_causal", None)] + [
+        (combo, name, sizes) for name in names for combo, sizes in combos.items()]
+    for impl, name, sizes in cases:
+      if not budget.left():
+        report["totals"].append(dict(impl=impl, layout=name, seq=seq, skipped="time budget"))
+        continue
+      record = dict(impl=impl, layout=name, seq=seq)
+      try:
+        fn = (bench.cudnn_fn() if sizes is None
+              else bench.kernel_fn(CFG, bench.make_layout(CFG, name, seq), sizes))
+        record["fwd_bwd_ms"], _ = bench.time_ms(jax.jit(bench.fwd_bwd_fn(fn)), (q, k, v, do))
+        bench.log(f"  [total] T={seq} {impl:13s} {name:12s} fwd+bwd {record['fwd_bwd_ms']:.3f} ms"
+                  f"  [{budget.elapsed():.0f}s]")
+      except Exception as exc:  # noqa: BLE001
+        record["error"] = bench._error(exc)
+        bench.log(f"  [total] {impl} {name} T={seq} FAILED: {record['error']}")
+      report["totals"].append(record)
+  return combos
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--budget-s", type=float, default=100.0)
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  bench.log(f"device: {device.device_kind}, jax {jax.__version__}")
+  budget = bench.Budget(args.budget_s)
+  report = dict(device=device.device_kind, jax=jax.__version__, kernels=[], totals=[],
+                correctness=[])
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "attention_gpu_tune.json")
+  try:
+    best = tune(budget, report)
+    report["best"] = best
+    bench.log(f"best per kernel: {best}")
+    combos = finals(budget, best, report)
+    for name in ("best_split", "best_fused"):
+      if name in combos:
+        records = []
+        bench.check_correctness(dataclasses.replace(CFG, layout_names=("causal",)),
+                                records, block_sizes=combos[name])
+        report["correctness"] += [dict(r, combo=name) for r in records]
+  except Exception:  # noqa: BLE001
+    traceback.print_exc()
+  report["wall_s"] = budget.elapsed()
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  bench.log(f"done in {budget.elapsed():.0f}s; wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
