@@ -88,20 +88,21 @@ SMOKE = dataclasses.replace(FULL, layout_block=32, heads=2, head_dim=32, dtype=j
 
 # Tile sweep: forward candidates (timed forward only) and backward candidates (timed fwd+bwd).
 SWEEP_FWD = (
-    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),  # the default
-    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3),
-    BlockSizes(block_q=128, block_kv=128, num_warps=4, num_stages=2),
-    BlockSizes(block_q=64, block_kv=128, num_warps=4, num_stages=2),
-    BlockSizes(block_q=128, block_kv=64, num_warps=8, num_stages=3),  # the first run's default
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3),  # the default (16-bit)
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),  # the previous default
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=4),
+    BlockSizes(block_q=64, block_kv=128, num_warps=4, num_stages=3),
 )
+# Backward: the split default, the fused dK/dV+dQ kernel (atomic dQ) at FlashAttention-2-like
+# tiles, then split variants with tall dQ / wide dK/dV tiles (Triton-tutorial shapes).
 SWEEP_BWD = (
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                num_warps_bwd=4),  # default
-    BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4,
-               num_stages_bwd=3),
-    BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=4),
-    BlockSizes(block_q_dq=128, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=8),
-    BlockSizes(block_q_dq=64, block_kv_dq=128, block_q_dkv=128, block_kv_dkv=64, num_warps_bwd=8),
+    BlockSizes(block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
+    BlockSizes(block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
+    BlockSizes(block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4, fused_dq=True),
+    BlockSizes(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=3),
+    BlockSizes(block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=3),
 )
 MHA_BLOCKS = dict(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
                   block_kv_dq=64)

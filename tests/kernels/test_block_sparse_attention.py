@@ -128,6 +128,9 @@ CASES = {
         lb.strided(256, block_q=32, stride=40), lb.global_tokens(256, block_q=32, num_global=5)]),
                               dict(platform="gpu", dtype=jnp.bfloat16)),
     "fully_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(platform="gpu")),
+    # dQ summed by atomic adds inside the dK/dV kernel: GQA group loop, sub-tiles, masked rows.
+    "fused_dq_gqa_subtiles_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
+        platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, block_q_dkv=32, fused_dq=True))),
     "tpu_causal_gqa_d128": (lambda: lb.dense(256, block_q=64, causal=True),
                             dict(platform="tpu", dim=128)),
     "tpu_mixture_masked_rows_bf16": (lambda: _fully_masked_layout(160, 32),
@@ -228,6 +231,9 @@ def test_public_entry_point_and_attend_backend():
     (dict(), ((1, 96, 4, 16), (1, 96, 2, 16)), "differ from the layout"),
     (dict(), ((1, 64, 3, 16), (1, 64, 1, 16)), "layout has 4 head rows"),
     (dict(block_sizes=BlockSizes(num_warps=3)), None, "num_warps=3"),
+    (dict(block_sizes=BlockSizes(num_warps_dq=12)), None, "num_warps_dq=12"),
+    (dict(block_sizes=BlockSizes(num_stages_dq=0)), None, "num_stages_dq=0"),
+    (dict(block_sizes=BlockSizes(fused_dq=True), platform="tpu"), None, "fused_dq=True"),
     (dict(interpret=False), ((1, 64, 4, 24), (1, 64, 2, 24)), "head_dim=24"),
 ])
 def test_bad_configuration_raises(kwargs, shapes, match):

@@ -6,8 +6,9 @@ ops, block-shape rules, index-map types) show up here rather than on the GPU/TPU
 not run the Triton/Mosaic compilers (register or shared-memory limits are only seen on device).
 
 The cuda cases are exactly the kernel calls of benchmarks/attention_gpu.py (`FULL` settings:
-every sequence length and layout, the GQA correctness case and the tile-sweep candidates), so the
-one GPU run does not fail on a lowering error. Lowering the fwd+bwd program covers all three
+every sequence length and layout, the GQA correctness case and the tile-sweep candidates) and the
+tile candidates of benchmarks/attention_gpu_tune.py, so a GPU run does not fail on a lowering
+error. Lowering the fwd+bwd program covers all three
 kernels (forward, dQ, dK/dV). The last tests check the script's report plumbing (the whole
 script in interpret mode on tiny shapes is `slow`).
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import pytest
 
 from sparseformer.benchmarks import attention_gpu as bench
+from sparseformer.benchmarks import attention_gpu_tune as tune
 from sparseformer.kernels.block_sparse_attention import BlockSizes, block_sparse_attention
 from sparseformer.layers import layout_builders as lb
 from sparseformer.layers import layouts
@@ -75,7 +77,7 @@ def test_sweep_candidates_lower_for_cuda(sizes):
   fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout("causal", seq), sizes))
   text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
                           CFG.dtype), "cuda")
-  assert _kernel_calls(text, "cuda") == 3
+  assert _kernel_calls(text, "cuda") == (2 if sizes.fused_dq else 3)  # fused: no dQ kernel
 
 
 def test_pallas_mha_baseline_lowers_for_cuda():
@@ -162,9 +164,6 @@ def test_benchmark_smoke_run(tmp_path, request):
   assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path)]) == 0
   text = (tmp_path / "attention_gpu.md").read_text()
   assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
-
-
-from sparseformer.benchmarks import attention_gpu_tune as tune  # noqa: E402
 
 
 @pytest.mark.parametrize("sizes", tune.all_candidates(), ids=lambda s: str(
