@@ -3,8 +3,9 @@
 
     python benchmarks/attention.py --out /tmp/attention_run1.json     # one run, < 10 min on 2 cores
     python benchmarks/attention.py --out /tmp/attention_run2.json     # run it twice: load varies
-    python benchmarks/attention.py --report /tmp/attention_run1.json /tmp/attention_run2.json
-        # medians over runs -> docs/benchmarks/attention.{json,png} and the table in attention.md
+    python benchmarks/attention.py --ablation 8192 --out /tmp/attention_ablation.json   # custom VJP vs autodiff
+    python benchmarks/attention.py --report /tmp/attention_run1.json /tmp/attention_run2.json \\
+        /tmp/attention_ablation.json   # medians -> docs/benchmarks/attention.{json,png}, tables in attention.md
     python benchmarks/attention.py --quick --out /tmp/q.json          # T in {1K, 2K}: a smoke test
 
 For T in 1K..16K, H = 8 (and KV heads), D = 64, batch 1, f32, blocks of 128 and three causal
@@ -88,13 +89,20 @@ class _Timed:
     return self.times[-1]
 
 
-def _functions(layout, mask, cotangent):
-  sparse = lambda q, k, v: sa.attend(q, k, v, layout, backend="xla")
-  dense = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
-  sparse_grad = jax.grad(lambda q, k, v: jnp.sum(sparse(q, k, v) * cotangent), argnums=(0, 1, 2))
-  dense_grad = jax.grad(lambda q, k, v, m: jnp.sum(dense(q, k, v, m) * cotangent), argnums=(0, 1, 2))
-  return {("xla", "fwd"): sparse, ("xla", "fwd+bwd"): sparse_grad, ("dense", "fwd"): dense,
-          ("dense", "fwd+bwd"): dense_grad}
+def _functions(layout):
+  """(impl, mode) -> function of (q, k, v, cotangent, *mask); fwd ignores the cotangent.
+
+  Everything is an operand (no large constant compiled in); only dense takes the token mask.
+  """
+  sparse = lambda q, k, v, ct: sa.attend(q, k, v, layout, backend="xla")
+  dense = lambda q, k, v, ct, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+
+  def grad(fn):
+    return lambda q, k, v, ct, *m: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, ct, *m) * ct),
+                                            argnums=(0, 1, 2))(q, k, v)
+
+  return {("xla", "fwd"): sparse, ("xla", "fwd+bwd"): grad(sparse), ("dense", "fwd"): dense,
+          ("dense", "fwd+bwd"): grad(dense)}
 
 
 def run(seq_lens, patterns, *, repeats, max_repeat_seconds, dense_max_gib, log=print):
@@ -106,16 +114,16 @@ def run(seq_lens, patterns, *, repeats, max_repeat_seconds, dense_max_gib, log=p
       layout = make_layout(pattern, seq)
       mask = jnp.asarray(layout.to_token_mask())[None]  # [1, 1, T, T] for dense
       entries, skipped = [], []
-      for (impl, mode), fn in _functions(layout, mask, cotangent).items():
-        args = (q, k, v) if impl == "xla" else (q, k, v, mask)
-        entry = _Timed((impl, mode), fn, args)
+      functions = _functions(layout)
+      for (impl, mode), fn in functions.items():
+        entry = _Timed((impl, mode), fn, (q, k, v, cotangent) + ((mask,) if impl == "dense" else ()))
         if impl == "dense" and entry.peak_bytes and entry.peak_bytes > dense_max_gib * 2**30:
           skipped.append((impl, mode, entry.peak_bytes))
           continue
         entries.append(entry)
       if seq <= 2048:  # the two paths must agree before their times mean anything
-        got = np.asarray(entries[0].compiled(q, k, v))
-        want = np.asarray(jax.jit(_functions(layout, mask, cotangent)[("dense", "fwd")])(q, k, v, mask))
+        got = np.asarray(entries[0].compiled(q, k, v, cotangent))
+        want = np.asarray(jax.jit(functions[("dense", "fwd")])(q, k, v, cotangent, mask))
         assert np.isfinite(got).all() and np.abs(got - want).max() < 1e-4, (pattern, seq)
       for entry in entries:  # warm-up; a slow first call counts as the (only) measurement
         if entry.run() < max_repeat_seconds:
@@ -137,6 +145,59 @@ def run(seq_lens, patterns, *, repeats, max_repeat_seconds, dense_max_gib, log=p
                          mode=mode, seconds=None, peak_mb=peak / 2**20,
                          skipped=f"compiled peak {peak / 2**30:.1f} GiB > --dense-max-gib {dense_max_gib}"))
         log(f"T={seq:6d} {pattern:8s} {impl} {mode}: skipped ({rows[-1]['skipped']})")
+  return rows
+
+
+def _all_blocks_gather(layout, q, k, v):
+  """Ablation only: the first xla design, every query block's K/V blocks gathered at once
+  ([B, H, nq, max_kv, bk, D]) and differentiated by autodiff (gather -> scatter-add)."""
+  plan = sa._Plan(layout, HEADS, HEADS, DIM)  # pylint: disable=protected-access
+  q_blocks = plan.q_steps(q * DIM**-0.5).transpose(1, 2, 0, 3, 4, 5)  # [B, Gr, nq, bq, R, D]
+  index = layout.kv_index[0]  # [nq, max_kv] (shared layout)
+  k_blocks, v_blocks = plan.kv_blocks(k)[:, :, index], plan.kv_blocks(v)[:, :, index]
+  p = len(layout.partial_masks)
+  tile_id = np.where(np.arange(layout.max_kv) >= layout.kv_count[0, :, None], p + 1,
+                     np.where(layout.kv_mask_id[0] == -1, p, layout.kv_mask_id[0]))
+  mask = jnp.asarray(plan.tiles[tile_id].transpose(0, 2, 1, 3)[None, None, :, :, None])
+  scores = jnp.where(mask, jnp.einsum("bgnqrd,bgnmkd->bgnqrmk", q_blocks, k_blocks), -jnp.inf)
+  row_max = jnp.max(scores, axis=(-2, -1), keepdims=True)
+  probs = jnp.exp(scores - jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0)))
+  row_sum = jnp.sum(probs, axis=(-2, -1))
+  out = jnp.einsum("bgnqrmk,bgnmkd->bgnqrd", probs, v_blocks) / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+  return plan.q_unsteps(out.transpose(2, 0, 1, 3, 4, 5))
+
+
+def ablation(seq: int, repeats: int, log=print) -> list[dict]:
+  """How the xla path is differentiated, at T = seq, local window 512 (issue 3: 'measure')."""
+  layout = make_layout("local", seq)
+  plan = sa._Plan(layout, HEADS, HEADS, DIM)  # pylint: disable=protected-access
+  variants = {
+      "scan + custom VJP (shipped)": lambda q, k, v: sa.attend(q, k, v, layout, backend="xla"),
+      "scan + autodiff": lambda q, k, v: sa._xla_forward(plan, q * DIM**-0.5, k, v)[0],  # pylint: disable=protected-access
+      "all-blocks gather + autodiff": lambda q, k, v: _all_blocks_gather(layout, q, k, v),
+  }
+  keys = jax.random.split(jax.random.key(seq), 4)
+  q, k, v, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys)
+  entries = []
+  for name, fn in variants.items():
+    grad = lambda q, k, v, ct, fn=fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * ct), argnums=(0, 1, 2))(q, k, v)
+    entries += [_Timed((name, "fwd"), lambda q, k, v, ct, fn=fn: fn(q, k, v), (q, k, v, ct)),
+                _Timed((name, "fwd+bwd"), grad, (q, k, v, ct))]
+  reference = np.asarray(entries[0].compiled(q, k, v, ct))
+  for entry in entries:
+    entry.run()
+    entry.times.clear()
+    if entry.name[1] == "fwd":
+      assert np.abs(np.asarray(entry.compiled(q, k, v, ct)) - reference).max() < 1e-4, entry.name
+  for _ in range(repeats):
+    for entry in entries:
+      entry.run()
+  rows = []
+  for entry in entries:
+    rows.append(dict(variant=entry.name[0], mode=entry.name[1], seq=seq, seconds=statistics.median(entry.times),
+                     peak_mb=entry.peak_bytes / 2**20 if entry.peak_bytes else None))
+    log(f"ablation T={seq} {entry.name[0]:30s} {entry.name[1]:8s} {rows[-1]['seconds'] * 1e3:8.1f} ms  "
+        f"peak {rows[-1]['peak_mb']:.0f} MB")
   return rows
 
 
@@ -207,20 +268,44 @@ def _plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def _ablation_table(runs: list[dict]) -> str:
+  times, peaks, seqs = {}, {}, set()
+  for run_ in runs:
+    for row in run_["ablation"]:
+      times.setdefault((row["variant"], row["mode"]), []).append(row["seconds"])
+      peaks[(row["variant"], row["mode"])] = row["peak_mb"]
+      seqs.add(row["seq"])
+  lines = [f"T = {', '.join(map(str, sorted(seqs)))}, local window 512, median over {len(runs)} run(s):", "",
+           "| variant | fwd ms | fwd+bwd ms | peak MB fwd+bwd |", "|---|---|---|---|"]
+  for variant in dict.fromkeys(v for v, _ in times):
+    cell = lambda mode: f"{statistics.median(times[(variant, mode)]) * 1e3:.0f}"
+    lines.append(f"| {variant} | {cell('fwd')} | {cell('fwd+bwd')} | {peaks[(variant, 'fwd+bwd')]:.0f} |")
+  return "\n".join(lines)
+
+
 def report(paths: list[str], docs: str = DOCS) -> None:
+  """Medians over run files -> attention.json, attention.png, attention_layouts.png, table in attention.md."""
   runs = [json.load(open(path)) for path in paths]
-  rows = _merge(runs)
+  grid_runs = [r for r in runs if r["rows"]]
+  ablation_runs = [r for r in runs if r.get("ablation")]
+  rows = _merge(grid_runs)
   os.makedirs(docs, exist_ok=True)
   with open(os.path.join(docs, "attention.json"), "w") as f:
-    json.dump(dict(machines=[r["machine"] for r in runs], commands=[r["command"] for r in runs], rows=rows), f,
-              indent=1)
+    json.dump(dict(machines=[r["machine"] for r in runs], commands=[r["command"] for r in runs], rows=rows,
+                   ablation=[row for r in ablation_runs for row in r["ablation"]]), f, indent=1)
   _plot(rows, os.path.join(docs, "attention.png"))
+  from sparseformer.layers import layout_plot  # pylint: disable=import-outside-toplevel
+  layout_plot.save_layouts_png([make_layout(p, 2048) for p in ("local", "bigbird", "strided")],
+                               os.path.join(docs, "attention_layouts.png"))
   loads = ", ".join(f"{r['machine']['load_average'][0]:.1f}" for r in runs)
   m = runs[0]["machine"]
   section = (f"{TABLE_START}\nMachine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
-             f"median over {len(runs)} runs (1-min load average at their start: {loads}; other jobs shared "
-             f"the cores). H = {HEADS}, D = {DIM}, batch 1, f32, blocks of {BLOCK}, causal.\n\n"
-             f"{_table(rows)}\n\n![time vs T](attention.png)\n{TABLE_END}")
+             f"{len(grid_runs)} grid run(s) and {len(ablation_runs)} ablation run(s); 1-min load average at "
+             f"their start: {loads} (other jobs shared the 2 cores). H = {HEADS}, D = {DIM}, batch 1, f32, "
+             f"blocks of {BLOCK}, causal.\n\n{_table(rows)}\n\n![time vs T](attention.png)\n\n"
+             f"Differentiation ablation:\n\n{_ablation_table(ablation_runs) if ablation_runs else '(not run)'}\n\n"
+             f"The three patterns at T = 2048 (block view and token mask):\n\n"
+             f"![layouts](attention_layouts.png)\n{TABLE_END}")
   md_path = os.path.join(docs, "attention.md")
   text = open(md_path).read() if os.path.exists(md_path) else "# Block-sparse attention (xla backend) on CPU\n\n"
   if TABLE_START in text:
@@ -241,8 +326,10 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-repeat-seconds", type=float, default=4.0,
                       help="an entry slower than this is run once (after compiling) instead of repeated")
-  parser.add_argument("--dense-max-gib", type=float, default=6.0, help="skip dense runs whose compiled peak is larger")
+  parser.add_argument("--dense-max-gib", type=float, default=10.0, help="skip dense runs whose compiled peak is larger")
   parser.add_argument("--quick", action="store_true", help="T in {1024, 2048} only")
+  parser.add_argument("--ablation", type=int, metavar="T", default=0,
+                      help="instead of the grid, time the differentiation ablation (custom VJP vs autodiff) at T")
   args = parser.parse_args(argv)
   if args.report:
     report(args.report)
@@ -251,10 +338,15 @@ def main(argv=None) -> None:
   info = machine()
   print(f"machine: {info}")
   start = time.perf_counter()
-  rows = run(seq_lens, args.patterns, repeats=args.repeats, max_repeat_seconds=args.max_repeat_seconds,
-             dense_max_gib=args.dense_max_gib)
+  rows, ablation_rows = [], []
+  if args.ablation:
+    ablation_rows = ablation(args.ablation, args.repeats)
+  else:
+    rows = run(seq_lens, args.patterns, repeats=args.repeats, max_repeat_seconds=args.max_repeat_seconds,
+               dense_max_gib=args.dense_max_gib)
   print(f"total {time.perf_counter() - start:.0f} s")
-  result = dict(machine=info, command=" ".join(sys.argv), rows=rows, seconds=time.perf_counter() - start)
+  result = dict(machine=info, command=" ".join(sys.argv), rows=rows, ablation=ablation_rows,
+                seconds=time.perf_counter() - start)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

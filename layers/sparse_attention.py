@@ -5,7 +5,7 @@
 Backends (all compute the same function, tests hold them equal):
   reference  layout -> dense token mask [Hl, T, S] -> masked softmax, all in f32. O(T*S): tests only.
   xla        per query block, gather the listed key/value blocks and attend. Time and memory
-             O(T * max_kv * block_kv); no T x S buffer. Differentiable (see `_xla_attention`).
+             O(T * max_kv * block_kv); no T x S buffer. Flash-style custom VJP (see the xla section).
   pallas     sparseformer.kernels.block_sparse_attention.block_sparse_attention (flash-style).
   auto       pallas on GPU/TPU when the kernel package provides it, else xla.
 
@@ -123,8 +123,40 @@ def masked_attention(q, k, v, mask: jax.Array, *, scale: float | None = None) ->
 # step's O(B * H * bq * max_kv * bk).
 
 
+def _bucket_widths(counts: np.ndarray, max_buckets: int = 4, tolerance: float = 1.1) -> np.ndarray:
+  """Widths (ascending) that split query blocks by list length: each block goes to the smallest
+  width >= its count. Chosen by DP to minimise padded work (sum of widths), using the fewest
+  buckets within `tolerance` of the best with `max_buckets` (each bucket is one more loop)."""
+  values, freq = np.unique(np.maximum(counts, 1), return_counts=True)
+  n = len(values)
+  prefix = np.concatenate([[0], np.cumsum(freq)])
+  # best[b][i]: least padded work covering values[:i + 1] with b buckets, the last of width values[i].
+  best = np.full((max_buckets + 1, n), np.inf)
+  choice = np.zeros((max_buckets + 1, n), int)
+  for i in range(n):
+    best[1][i] = values[i] * prefix[i + 1]
+  for b in range(2, max_buckets + 1):
+    for i in range(n):
+      for j in range(i):  # previous bucket ends at values[j]
+        cost = best[b - 1][j] + values[i] * (prefix[i + 1] - prefix[j + 1])
+        if cost < best[b][i]:
+          best[b][i], choice[b][i] = cost, j
+  target = np.nanmin(best[1:, n - 1]) * tolerance
+  buckets = next(b for b in range(1, max_buckets + 1) if best[b][n - 1] <= target)
+  widths, i = [], n - 1
+  for b in range(buckets, 0, -1):
+    widths.append(int(values[i]))
+    i = choice[b][i]
+  return np.array(sorted(widths))
+
+
 class _Plan:
-  """Host-side constants of one (layout, head configuration): gather indices and mask tiles."""
+  """Host-side constants of one (layout, head configuration): gather indices, mask tiles, buckets.
+
+  Query blocks are grouped into a few buckets of similar list length (`_bucket_widths`), each run as
+  its own loop with its own width, so one long row (a global query, a late strided row) does not
+  pad every row to `max_kv`. Outputs are put back in query-block order by a static permutation.
+  """
 
   def __init__(self, layout: BlockLayout, num_heads: int, kv_heads: int, dim: int):
     self.layout, self.num_heads, self.kv_heads, self.dim = layout, num_heads, kv_heads, dim
@@ -138,13 +170,23 @@ class _Plan:
     tile_id = np.where(~valid, p + 1, np.where(layout.kv_mask_id == FULL, p, layout.kv_mask_id))
     self.tiles = np.concatenate([layout.partial_masks, np.ones((1, layout.block_q, layout.block_kv), bool),
                                  np.zeros((1, layout.block_q, layout.block_kv), bool)])  # FULL, padding
-    self.tile_id = tile_id.transpose(1, 0, 2).astype(np.int32)  # [nq, Hl, max_kv]
+    tile_id = tile_id.transpose(1, 0, 2).astype(np.int32)  # [nq, Hl, max_kv]
     if self.shared:
-      self.index = layout.kv_index.transpose(1, 0, 2)  # [nq, 1, max_kv] into [B, KVH, nk, ...]
+      index = layout.kv_index.transpose(1, 0, 2)  # [nq, 1, max_kv] into [B, KVH, nk, ...]
     else:  # [nq, H, max_kv] into the flattened [B, KVH * nk, ...]
       kv_head = (np.arange(num_heads) // (num_heads // kv_heads))[:, None, None]
-      self.index = (kv_head * layout.num_kv_blocks + layout.kv_index).transpose(1, 0, 2)
-    self.index = self.index.astype(np.int32)
+      index = (kv_head * layout.num_kv_blocks + layout.kv_index).transpose(1, 0, 2)
+    counts = layout.kv_count.max(axis=0)  # [nq]: a step serves every head of its query block
+    widths = _bucket_widths(counts)
+    bucket_of = np.searchsorted(widths, np.maximum(counts, 1))
+    # (query block ids, index [n, Hl|H, width], tile ids [n, Hl, width]) per bucket. Lists are padded
+    # with their last valid id (contract), so truncating to width >= count keeps them valid.
+    self.buckets = []
+    for b, width in enumerate(widths):
+      steps = np.flatnonzero(bucket_of == b)
+      self.buckets.append((steps, index[steps, :, :width].astype(np.int32), tile_id[steps, :, :width]))
+    order = np.concatenate([steps for steps, _, _ in self.buckets])
+    self.inverse = None if (order == np.arange(len(order))).all() else np.argsort(order)
 
   def kv_blocks(self, x: jax.Array) -> jax.Array:
     """[B, Sp, KVH, D] -> [B, KVH, nk, bk, D] (shared) or [B, KVH * nk, bk, D] (per head)."""
@@ -158,18 +200,18 @@ class _Plan:
     return x.transpose(0, 2, 3, 1, 4).reshape(x.shape[0], lay.padded_seq_kv, self.kv_heads, self.dim)
 
   def gather(self, blocks: jax.Array, index: jax.Array) -> jax.Array:
-    """One query block's listed key blocks: index [Hl, max_kv] -> [B, Gr, max_kv, bk, D]."""
+    """One query block's listed key blocks: index [Hl, width] -> [B, Gr, width, bk, D]."""
     return blocks[:, :, index[0]] if self.shared else blocks[:, index]
 
   def scatter_add(self, acc: jax.Array, index: jax.Array, update: jax.Array) -> jax.Array:
     return acc.at[:, :, index[0]].add(update) if self.shared else acc.at[:, index].add(update)
 
   def mask(self, tiles: jax.Array, tile_id: jax.Array) -> jax.Array:
-    """[Hl, max_kv] tile ids -> bool [1, Hl, bq, 1, max_kv, bk], broadcastable to the scores."""
+    """[Hl, width] tile ids -> bool [1, Hl, bq, 1, width, bk], broadcastable to the scores."""
     return tiles[tile_id].transpose(0, 2, 1, 3)[None, :, :, None]
 
   def q_steps(self, x: jax.Array) -> jax.Array:
-    """[B, Tp, H, F] -> [nq, B, Gr, bq, R, F] (one scan step per query block)."""
+    """[B, Tp, H, F] -> [nq, B, Gr, bq, R, F] (one loop step per query block)."""
     lay = self.layout
     x = x.reshape(x.shape[0], lay.num_q_blocks, lay.block_q, self.groups, self.heads_per_group, x.shape[-1])
     return x.transpose(1, 0, 3, 2, 4, 5)
@@ -177,9 +219,18 @@ class _Plan:
   def q_unsteps(self, x: jax.Array) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4, 5).reshape(x.shape[1], self.layout.padded_seq_q, self.num_heads, -1)
 
+  def select(self, x: jax.Array, steps: np.ndarray) -> jax.Array:
+    """Rows `steps` of a per-query-block array [nq, ...] (no gather with a single bucket)."""
+    return x if len(self.buckets) == 1 else x[steps]
+
+  def merge(self, parts: list[jax.Array]) -> jax.Array:
+    """Per-bucket results [n_b, ...] -> [nq, ...] in query-block order."""
+    merged = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return merged if self.inverse is None else merged[self.inverse]
+
 
 def _scores(plan: _Plan, tiles, q_step, k_step, tile_id):
-  """f32 scores [B, Gr, bq, R, max_kv, bk] of one query block, masked entries -inf."""
+  """f32 scores [B, Gr, bq, R, width, bk] of one query block, masked entries -inf."""
   scores = jnp.einsum("bgqrd,bgmkd->bgqrmk", q_step, k_step, preferred_element_type=jnp.float32)
   return jnp.where(plan.mask(tiles, tile_id), scores, -jnp.inf)
 
@@ -200,10 +251,12 @@ def _xla_forward(plan: _Plan, q, k, v):
                      preferred_element_type=jnp.float32)
     return (out / safe_sum[..., None]).astype(q.dtype), row_max[..., 0, 0] + jnp.log(safe_sum)
 
-  out, lse = jax.lax.map(step, (plan.q_steps(q), jnp.asarray(plan.index), jnp.asarray(plan.tile_id)))
-  return plan.q_unsteps(out), lse
-
-
+  q_steps, outs, lses = plan.q_steps(q), [], []
+  for steps, index, tile_id in plan.buckets:
+    out, lse = jax.lax.map(step, (plan.select(q_steps, steps), jnp.asarray(index), jnp.asarray(tile_id)))
+    outs.append(out)
+    lses.append(lse)
+  return plan.q_unsteps(plan.merge(outs)), plan.merge(lses)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_core(plan: _Plan, q, k, v):
   return _xla_forward(plan, q, k, v)[0]
@@ -234,11 +287,15 @@ def _xla_core_bwd(plan: _Plan, residuals, d_out):
                     preferred_element_type=jnp.float32)
     return (plan.scatter_add(dk_acc, index, dk), plan.scatter_add(dv_acc, index, dv)), dq.astype(q.dtype)
 
-  zeros = jnp.zeros(k_blocks.shape, jnp.float32)
-  xs = (plan.q_steps(q), plan.q_steps(d_out.astype(q.dtype)), lse, plan.q_steps(delta),
-        jnp.asarray(plan.index), jnp.asarray(plan.tile_id))
-  (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), xs)
-  return plan.q_unsteps(dq), plan.kv_unblocks(dk).astype(k.dtype), plan.kv_unblocks(dv).astype(v.dtype)
+  q_steps, do_steps, delta_steps = plan.q_steps(q), plan.q_steps(d_out.astype(q.dtype)), plan.q_steps(delta)
+  carry, dqs = (jnp.zeros(k_blocks.shape, jnp.float32),) * 2, []
+  for steps, index, tile_id in plan.buckets:  # dk/dv accumulate across buckets through the carry
+    xs = (plan.select(q_steps, steps), plan.select(do_steps, steps), plan.select(lse, steps),
+          plan.select(delta_steps, steps), jnp.asarray(index), jnp.asarray(tile_id))
+    carry, dq = jax.lax.scan(step, carry, xs)
+    dqs.append(dq)
+  dk, dv = carry
+  return plan.q_unsteps(plan.merge(dqs)), plan.kv_unblocks(dk).astype(k.dtype), plan.kv_unblocks(dv).astype(v.dtype)
 
 
 _xla_core.defvjp(_xla_core_fwd, _xla_core_bwd)
