@@ -1,6 +1,7 @@
 """Run by test_sharded.py in a fresh process with 8 simulated CPU devices (XLA_FLAGS set before JAX starts).
 
-Trains 3 steps on mesh data=2 x fsdp=2 x tensor=2 and on 1 device, prints a JSON report.
+Mode `dense`: trains 3 steps on mesh data=2 x fsdp=2 x tensor=2 and on 1 device; mode `moe`: an MoE model on
+expert=2 x data=2 x fsdp=2 and on 1 device. Prints a JSON report.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ from sparseformer.train.data_config import DataConfig  # noqa: E402
 from sparseformer.train.mesh import MeshConfig  # noqa: E402
 
 
-def main(corpus: str, workdir: str) -> None:
+def main(corpus: str, workdir: str, mode: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   base = RunConfig(
       name="sharded",
@@ -37,12 +38,16 @@ def main(corpus: str, workdir: str) -> None:
   moe_single = dataclasses.replace(base, model=moe_model)
   moe_sharded = dataclasses.replace(moe_single, mesh=MeshConfig(data=2, fsdp=2, tensor=1, expert=2))
   report = {}
-  for name, config, devices in (("sharded", sharded, None), ("single", base, jax.devices()[:1]),
-                                ("moe_sharded", moe_sharded, None), ("moe_single", moe_single, jax.devices()[:1])):
+  runs = {"dense": (("sharded", sharded, None), ("single", base, jax.devices()[:1])),
+          "moe": (("moe_sharded", moe_sharded, None), ("moe_single", moe_single, jax.devices()[:1]))}[mode]
+  for name, config, devices in runs:
     run_dir = os.path.join(workdir, name)
     report[name] = trainer.train(config, run_dir, devices=devices)
     report[name + "_losses"] = trainer.read_train_losses(run_dir)
     report[name + "_last_record"] = [r for r in metrics_lib.read_metrics(run_dir) if "train/loss" in r][-1]
+  if mode == "moe":
+    print("REPORT " + json.dumps(report), flush=True)
+    return
   run = trainer.open_run(sharded, os.path.join(workdir, "sharded"), require_checkpoint=True)
   params = run.state.params
   examples = {"wq": params["blocks"][0]["attention"]["wq"], "wk": params["blocks"][0]["attention"]["wk"],
@@ -66,4 +71,4 @@ def main(corpus: str, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2])
+  main(*sys.argv[1:4])

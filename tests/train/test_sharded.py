@@ -11,11 +11,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_corpus, tmp_path):
-  result = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), text_corpus, str(tmp_path)],
+def _sharded_report(corpus: str, workdir, mode: str) -> dict:
+  result = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), corpus, str(workdir), mode],
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+  return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+
+
+def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_corpus, tmp_path):
+  report = _sharded_report(text_corpus, tmp_path, "dense")
   # Rules: embed -> fsdp, heads/kv_heads/mlp -> tensor, vocab -> tensor unless it does not divide (259 does not).
   assert report["specs"]["wq"] == ["fsdp", "tensor", "None"]
   assert report["specs"]["wk"] == ["fsdp", "tensor", "None"]
@@ -31,7 +35,11 @@ def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_c
   assert report["sharded"]["loss"] == report["sharded"]["loss"]  # not NaN
   np.testing.assert_allclose(report["sharded"]["loss"], report["single"]["loss"], rtol=2e-5)
   assert report["restored_on_other_mesh_equal"] and report["restored_on_other_mesh_devices"] == 1
-  # MoE with expert parallelism (expert=2 x data=2 x fsdp=2) equals one device, and logs per-layer metrics.
+
+
+def test_moe_expert_parallel_training_matches_one_device(text_corpus, tmp_path):
+  """expert=2 x data=2 x fsdp=2 (all-to-all dispatch) equals one device, and logs per-layer MoE metrics."""
+  report = _sharded_report(text_corpus, tmp_path, "moe")
   moe_sharded = [report["moe_sharded_losses"][str(step)] for step in (1, 2, 3)]
   moe_single = [report["moe_single_losses"][str(step)] for step in (1, 2, 3)]
   assert np.isfinite(moe_sharded).all()
