@@ -127,6 +127,9 @@ class MoEFeedForward(nnx.Module):
       load = routing.expert_load(expert_index, num_experts)
       dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
     else:
+      if (batch * length) % group_size:
+        raise ValueError(f"expert_choice: {batch * length} tokens do not split into groups of {group_size}; "
+                         "make MoEConfig.capacity_group_size divide batch * length")
       scores = routing.router_scores(logits, config.score_function)
       capacity = routing.expert_capacity(group_size, k, num_experts, config.capacity_factor)
       slot_token, slot_gate = routing.expert_choice_select(
