@@ -17,11 +17,12 @@ def sample_tokens(model: nnx.Module, prompt_ids: np.ndarray, *, num_tokens: int,
   """
   if temperature < 0 or top_k < 0:
     raise ValueError(f"temperature ({temperature}) and top_k ({top_k}) must be >= 0.")
+  model.eval()  # deterministic: no router jitter
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def next_token(state, buffer, length, key):
-    logits, _ = nnx.merge(graphdef, state)(buffer)
+    logits, _ = nnx.merge(graphdef, state, copy=True)(buffer)
     logits = logits[0, length - 1].astype(jnp.float32)
     if temperature == 0:
       return jnp.argmax(logits)

@@ -84,7 +84,8 @@ def make_eval_step(setup: ModelSetup):
   """(state, batch) -> sums for loss and bits-per-byte: nll_sum, tokens, bytes (targets < 256)."""
 
   def eval_step(state: TrainState, batch: Batch):
-    model = nnx.merge(setup.graphdef, state.params, state.extra)
+    model = nnx.merge(setup.graphdef, state.params, state.extra, copy=True)
+    model.eval()  # deterministic: no router jitter
     logits, _ = model(batch["inputs"])
     nll = cross_entropy(logits, batch["targets"])
     return {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32),

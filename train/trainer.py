@@ -83,9 +83,8 @@ def _check_mesh_fits(config: RunConfig, mesh: jax.sharding.Mesh) -> None:
   if micro_batch % batch_ways:
     raise ValueError(f"The micro-batch (data.batch_size / train.grad_accum_steps = {micro_batch}) must divide "
                      f"over mesh.data x mesh.fsdp = {batch_ways} devices; change data.batch_size or the mesh.")
-  if "moe" in config.model.ffn_pattern and config.model.moe.num_experts % mesh.shape["expert"]:
-    raise ValueError(f"model.moe.num_experts ({config.model.moe.num_experts}) must be a multiple of mesh.expert "
-                     f"({mesh.shape['expert']}).")
+  if "moe" in config.model.ffn_pattern:
+    config.model.moe.validate_mesh(dict(mesh.shape))
 
 
 class _StopRequest:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sparseformer.train import checkpoint, trainer
+from sparseformer.train import metrics as metrics_lib
 from sparseformer.train.data import load_corpus
 
 
@@ -131,3 +132,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(text_corpus, tmp_path, tin
   assert "Received SIGTERM" in output
   steps = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
   assert steps and steps[-1] >= 3, output
+
+
+def test_moe_bias_balancing_runs_outside_the_optimizer_and_is_logged(tmp_path, tiny_config):
+  from sparseformer.layers import moe_config
+
+  config = tiny_config(steps=3, log_every=1)  # odd: +-u steps cannot cancel to an all-zero bias
+  moe = moe_config.deepseek_v3(num_experts=4, top_k=2, expert_hidden=32, n_groups=2, topk_groups=1,
+                               num_shared_experts=1, block_size=16, bias_update_rate=1e-2, jitter=0.01)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, ffn_pattern=("moe",), moe=moe))
+  workdir = str(tmp_path / "run")
+  summary = trainer.train(config, workdir)
+  assert np.isfinite(summary["loss"])
+  records = [r for r in metrics_lib.read_metrics(workdir) if "train/loss" in r]
+  assert len(records[-1]["train/layer0/moe/expert_load"]) == 4
+  # Step 1 runs with zero bias; the update after it moves every expert's bias by +-u.
+  assert records[0]["train/layer0/moe/bias_range"] == 0 and records[1]["train/layer0/moe/bias_range"] > 0
+  run = trainer.open_run(config, workdir, require_checkpoint=True)
+  bias_leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(run.state.extra)
+                 if "bias" in jax.tree_util.keystr(path)]
+  run.checkpointer.close()
+  assert bias_leaves and all(np.abs(np.asarray(leaf)).max() > 0 for leaf in bias_leaves)
+  assert not any("bias" in jax.tree_util.keystr(path) for path, _ in
+                 jax.tree_util.tree_leaves_with_path(run.state.params))
