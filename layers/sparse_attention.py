@@ -123,10 +123,10 @@ def masked_attention(q, k, v, mask: jax.Array, *, scale: float | None = None) ->
 # step's O(B * H * bq * max_kv * bk).
 
 
-def _bucket_widths(counts: np.ndarray, max_buckets: int = 4, tolerance: float = 1.1) -> np.ndarray:
+def _bucket_widths(counts: np.ndarray, max_buckets: int = 4, min_gain: float = 0.1) -> np.ndarray:
   """Widths (ascending) that split query blocks by list length: each block goes to the smallest
-  width >= its count. Chosen by DP to minimise padded work (sum of widths), using the fewest
-  buckets within `tolerance` of the best with `max_buckets` (each bucket is one more loop)."""
+  width >= its count. Chosen by DP to minimise padded work (sum of widths); a bucket is added only
+  while it cuts the padded work by `min_gain` (each bucket is one more loop to compile and run)."""
   values, freq = np.unique(np.maximum(counts, 1), return_counts=True)
   n = len(values)
   prefix = np.concatenate([[0], np.cumsum(freq)])
@@ -136,13 +136,13 @@ def _bucket_widths(counts: np.ndarray, max_buckets: int = 4, tolerance: float = 
   for i in range(n):
     best[1][i] = values[i] * prefix[i + 1]
   for b in range(2, max_buckets + 1):
-    for i in range(n):
-      for j in range(i):  # previous bucket ends at values[j]
-        cost = best[b - 1][j] + values[i] * (prefix[i + 1] - prefix[j + 1])
-        if cost < best[b][i]:
-          best[b][i], choice[b][i] = cost, j
-  target = np.nanmin(best[1:, n - 1]) * tolerance
-  buckets = next(b for b in range(1, max_buckets + 1) if best[b][n - 1] <= target)
+    for i in range(1, n):  # the previous bucket ends at values[j], j < i
+      cost = best[b - 1][:i] + values[i] * (prefix[i + 1] - prefix[1:i + 1])
+      choice[b][i] = int(np.argmin(cost))
+      best[b][i] = cost[choice[b][i]]
+  buckets = 1
+  while buckets < max_buckets and best[buckets + 1][n - 1] < (1 - min_gain) * best[buckets][n - 1]:
+    buckets += 1
   widths, i = [], n - 1
   for b in range(buckets, 0, -1):
     widths.append(int(values[i]))
