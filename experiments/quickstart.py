@@ -2,9 +2,9 @@
 
     sparseformer train --experiment quickstart
 
-Expect (2-core x86-64 CPU, Python 3.11, jax 0.10.2): about 3 minutes end to end; validation loss falls from
-5.6 nats (uniform over 259 ids) to about 1.5 nats/token, i.e. about 2.2 bits per byte; the sample looks like
-Python with plausible keywords and indentation but little sense.
+Expect (measured on a 2-core x86-64 CPU, Python 3.11.7, jax 0.10.2): 3 min 22 s end to end, about 4,700 tokens/s;
+validation loss falls from 5.6 nats (uniform over 259 ids) to 1.87 nats/token = 2.70 bits per byte after 200 steps
+(820 K tokens); the sample has Python's shape (indentation, `=`, `return`, `is not`) but few real words.
 """
 
 import dataclasses
@@ -17,6 +17,6 @@ from sparseformer.train.data_config import DataConfig
 def config() -> RunConfig:
   model = presets.quickstart()
   data = DataConfig(seq_len=256, batch_size=16, num_val_batches=4)
-  train = TrainConfig(steps=600, learning_rate=3e-3, warmup_steps=50, log_every=20, eval_every=200,
-                      checkpoint_every=200, sample_tokens=200)
+  train = TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=20, eval_every=100,
+                      checkpoint_every=100, sample_tokens=200)
   return dataclasses.replace(RunConfig(), name="quickstart", model=model, data=data, train=train)

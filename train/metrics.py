@@ -9,22 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def measure_matmul_peak(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` jitted square matmuls on the default device (the MFU denominator on CPU).
+def measure_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] | None = None, repeats: int = 5) -> float:
+  """FLOP/s of the fastest jitted square matmul (best of `repeats` at each size) on the default device.
 
-  On CPU this is what the machine really reaches (it tracks core count and SIMD width); on GPU/TPU pass
-  `train.peak_flops` with the datasheet figure instead, or accept this measured lower bound.
+  The MFU denominator on CPU: what the machine really reaches (it tracks core count and SIMD width). Taking
+  the best over sizes and repeats makes it an upper estimate on a noisy machine, so MFU errs low. On GPU/TPU
+  pass `train.peak_flops` with the datasheet figure instead, or accept this measured lower bound.
   """
-  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-  a = jnp.ones((size, size), jnp.dtype(dtype))
+  sizes = sizes or ((1024, 2048) if jax.default_backend() == "cpu" else (8192,))
   matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
+  best_flops = 0.0
+  for size in sizes:
+    a = jnp.ones((size, size), jnp.dtype(dtype))
     matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * size**3 / best
+    for _ in range(repeats):
+      start = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best_flops = max(best_flops, 2.0 * size**3 / (time.perf_counter() - start))
+  return best_flops
 
 
 def _to_python(value):

@@ -262,11 +262,13 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
           run.checkpointer.save(step, run.state, train_batches.get_state(), wait=stop.requested)
           last_saved = step
         if stop.requested:
+          progress = _close(progress)
           log(f"Stopped at step {step}; checkpoint saved in {run.checkpointer.directory}. "
               "Run the same command again to resume.")
           return {"step": step, "train_loss": last_loss, "interrupted": True}
 
     # --- Finish: final checkpoint, evaluation, sample.
+    progress = _close(progress)
     if last_saved != step or run.checkpointer.latest_step() != step:
       run.checkpointer.save(step, run.state, train_batches.get_state())
     if val_batches:
@@ -278,8 +280,7 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
       text = sample_text(run, config.train.sample_prompt, config.train.sample_tokens)
       log(f"Sample (prompt {config.train.sample_prompt!r}, temperature 0.8):\n{text}\n")
   finally:
-    if progress is not None:
-      progress.close()
+    _close(progress)
     run.checkpointer.close()
     writer.close()
   log(f"Logs: {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}; "
@@ -313,6 +314,13 @@ def _describe_corpus(corpus) -> str:
 
 def _parameter_count(state: state_lib.TrainState) -> int:
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
+
+
+def _close(progress) -> None:
+  """Closes a progress bar (so later lines start on their own line); returns None to clear the reference."""
+  if progress is not None:
+    progress.close()
+  return None
 
 
 def _progress_bar(config: RunConfig, step: int):
