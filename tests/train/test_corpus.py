@@ -15,22 +15,9 @@ from sparseformer.train.data_config import DataConfig
 EOS = tokenizer.EOS_ID
 
 
-def _config(tmp_path, **overrides) -> DataConfig:
-  overrides.setdefault("cache_dir", str(tmp_path / "cache"))
-  return DataConfig(**overrides)
-
-
-def _write_tokens(tmp_path, tokens, name="tokens.npy") -> str:
-  path = str(tmp_path / name)
-  if name.endswith(".npy"):
-    np.save(path, tokens)
-  else:
-    np.asarray(tokens).tofile(path)
-  return path
-
-
-def _random_tokens(num_tokens, seed=0, dtype=np.uint16):
-  return np.random.default_rng(seed).integers(0, tokenizer.VOCAB_SIZE, num_tokens).astype(dtype)
+from data_helpers import make_config as _config  # noqa: E402
+from data_helpers import random_tokens as _random_tokens  # noqa: E402
+from data_helpers import write_tokens as _write_tokens  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- stdlib corpus
