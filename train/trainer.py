@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -126,6 +127,7 @@ class Run:
   checkpointer: checkpoint_lib.Checkpointer
   data_state: dict | None
   batch_sharding: jax.sharding.NamedSharding
+  eval_step: Callable | None = None  # jitted once, on first use (a fresh jax.jit per call would recompile)
 
   def model(self) -> nnx.Module:
     return nnx.merge(self.setup.graphdef, self.state.params, self.state.extra)
@@ -155,9 +157,10 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
 
 def evaluate(run: Run, batches: list) -> dict[str, float]:
   """Validation loss and bits per byte over `batches` (global arrays)."""
-  eval_step = jax.jit(step_lib.make_eval_step(run.setup))
+  if run.eval_step is None:
+    run.eval_step = jax.jit(step_lib.make_eval_step(run.setup))
   with jax.set_mesh(run.mesh):
-    return step_lib.summarize_eval([eval_step(run.state, batch) for batch in batches])
+    return step_lib.summarize_eval([run.eval_step(run.state, batch) for batch in batches])
 
 
 def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
