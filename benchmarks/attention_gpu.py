@@ -89,7 +89,9 @@ SMOKE = dataclasses.replace(FULL, layout_block=32, heads=2, head_dim=32, dtype=j
 # Tile sweep: forward candidates (timed forward only) and backward candidates (timed fwd+bwd).
 SWEEP_FWD = (
     BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3),  # the default (16-bit)
-    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),  # the previous default
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2,
+               separate_partial=False),  # the previous default (one branching loop)
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3, separate_partial=False),
     BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=4),
     BlockSizes(block_q=64, block_kv=128, num_warps=4, num_stages=3),
 )
@@ -98,6 +100,8 @@ SWEEP_FWD = (
 SWEEP_BWD = (
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                num_warps_bwd=4),  # default
+    BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+               num_warps_bwd=4, separate_partial=False),  # default tiles, one branching loop
     BlockSizes(block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
     BlockSizes(block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
     BlockSizes(block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4, fused_dq=True),

@@ -8,7 +8,9 @@ dK/dV kernel that also accumulates dQ with atomic adds) for every candidate of `
 and `FUSED` at T = 16K, dense causal layout (batch = 32K / T, H = 16, D = 128, bf16), picks the
 fastest of each, then times whole forward+backward programs at T = 32K (dense causal and local
 2K) for the old defaults, the best split backward and the best fused backward, beside
-cuDNN dense causal in the same process; and checks the winners against `reference` at T = 4K
+cuDNN dense causal in the same process. The first two candidates of each kernel are the A/B of
+the FULL-first split loops (`BlockSizes.separate_partial`: False = one loop branching per block);
+the combos share one such flag, False if any kernel's winner had it False; and checks the winners against `reference` at T = 4K
 (causal, and local 1K with GQA).
 The CPU tests lower every candidate here for ("cuda",) (tests/kernels/test_cross_lowering.py).
 """
@@ -37,29 +39,39 @@ from sparseformer.kernels.block_sparse_attention import BlockSizes, common, gpu 
 CFG = bench.FULL
 TUNE_SEQ = 16384
 FINAL_CASES = ((32768, ("causal", "local_2k")),)  # (T, layouts) of totals
-# (tq, tk, warps, stages) per kernel; the first entry of each is the previous default.
-FWD = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
-DQ = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
-      (128, 32, 8, 3), (64, 32, 4, 3)]
-DKV = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3),
-       (64, 128, 8, 2), (64, 128, 8, 3)]
+# (tq, tk, warps, stages[, separate_partial]) per kernel; the first entry of each is the previous
+# default (one loop branching on each block's kind: separate_partial=False); the second is the same
+# tiles with the FULL-first split loops, the A/B of that change.
+FWD = [(128, 128, 8, 2, False), (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
+DQ = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+      (128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)]
+DKV = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2),
+       (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3)]
 FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
          (64, 128, 8, 3)]
 OLD_DEFAULTS = BlockSizes(num_stages=2, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
-                          block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=2, fused_dq=False)
+                          block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=2, fused_dq=False,
+                          separate_partial=False)
+
+
+def _separate(c) -> bool | None:
+  """The candidate's loop structure: None (the default, split loops) unless it says False."""
+  return None if len(c) < 5 or c[4] else False
 
 
 def fwd_sizes(c) -> BlockSizes:
-  return BlockSizes(block_q=c[0], block_kv=c[1], num_warps=c[2], num_stages=c[3])
+  return BlockSizes(block_q=c[0], block_kv=c[1], num_warps=c[2], num_stages=c[3],
+                    separate_partial=_separate(c))
 
 
 def dq_sizes(c) -> BlockSizes:
-  return BlockSizes(block_q_dq=c[0], block_kv_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3])
+  return BlockSizes(block_q_dq=c[0], block_kv_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3],
+                    separate_partial=_separate(c))
 
 
 def dkv_sizes(c, fused: bool) -> BlockSizes:
   return BlockSizes(block_q_dkv=c[0], block_kv_dkv=c[1], num_warps_bwd=c[2], num_stages_bwd=c[3],
-                    fused_dq=fused)
+                    fused_dq=fused, separate_partial=_separate(c))
 
 
 def merge(*sizes: BlockSizes) -> BlockSizes:
@@ -104,11 +116,13 @@ def tune(budget: bench.Budget, report: dict) -> dict:
   dq_plan = [("dq", c, dq_sizes(c), 1, bwd_args, 3) for c in DQ]
   dkv_plan = [("dkv", c, dkv_sizes(c, False), 2, bwd_args, 4) for c in DKV]
   fused_plan = [("fused", c, dkv_sizes(c, True), 2, bwd_args, 5) for c in FUSED]
-  # Most informative first, in case the budget runs out: baselines, the fused kernel, the rest.
-  plan = (fwd_plan[:2] + dq_plan[:1] + dkv_plan[:1] + fused_plan + dkv_plan[1:] + dq_plan[1:]
-          + fwd_plan[2:])
+  # Most informative first, in case the budget runs out: baselines and the split-loop A/B, the
+  # fused kernel, the rest.
+  plan = (fwd_plan[:3] + dq_plan[:2] + dkv_plan[:2] + fused_plan + dkv_plan[2:] + dq_plan[2:]
+          + fwd_plan[3:])
   for kind, c, sizes, which, args, matmuls in plan:
-    record = dict(kind=kind, seq=seq, tq=c[0], tk=c[1], warps=c[2], stages=c[3])
+    record = dict(kind=kind, seq=seq, tq=c[0], tk=c[1], warps=c[2], stages=c[3],
+                  separate_partial=_separate(c) is None)
     if not budget.left():
       record["skipped"] = "time budget"
       report["kernels"].append(record)
@@ -119,7 +133,8 @@ def tune(budget: bench.Budget, report: dict) -> dict:
       record["tflops_hw"] = matmuls / 2 * flops_fwd / (record["ms"] * 1e-3) / 1e12
       if kind not in best or record["ms"] < best[kind][0]:
         best[kind] = (record["ms"], c)
-      bench.log(f"  [{kind:5s}] tq={c[0]:3d} tk={c[1]:3d} warps={c[2]} stages={c[3]}: "
+      bench.log(f"  [{kind:5s}] tq={c[0]:3d} tk={c[1]:3d} warps={c[2]} stages={c[3]} "
+                f"full_first_loops={record['separate_partial']}: "
                 f"{record['ms']:.3f} ms ({record['tflops_hw']:.0f} TF/s hw)  "
                 f"[{budget.elapsed():.0f}s]")
     except Exception as exc:  # noqa: BLE001

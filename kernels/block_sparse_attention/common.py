@@ -66,6 +66,9 @@ class BlockSizes:
   # None: the platform default (False on TPU, which has no atomics; the block_*_dq fields are
   # then unused).
   fused_dq: bool | None = None
+  # GPU: visit each row's FULL blocks in a loop with no mask code, then its PARTIAL blocks in a
+  # masked loop (None: True); False: one loop that branches on every block's kind.
+  separate_partial: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Tiles:
   num_warps_dq: int
   num_stages_dq: int
   fused_dq: bool
+  separate_partial: bool
 
 
 def div(x, n: int):
@@ -164,7 +168,8 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
                dq_kv=values["block_kv_dq"], dkv_q=values["block_q_dkv"],
                dkv_kv=values["block_kv_dkv"], num_warps=num_warps, num_stages=num_stages,
                num_warps_bwd=num_warps_bwd, num_stages_bwd=sizes.num_stages_bwd,
-               num_warps_dq=num_warps_dq, num_stages_dq=num_stages_dq, fused_dq=fused_dq)
+               num_warps_dq=num_warps_dq, num_stages_dq=num_stages_dq, fused_dq=fused_dq,
+               separate_partial=sizes.separate_partial is not False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,13 +195,15 @@ class LayoutMeta:
 class LayoutArrays(NamedTuple):
   """The contract arrays as jnp arrays (host constants or traced); shapes as in the contract."""
 
-  kv_index: jax.Array  # int32 [Hl, nq, max_kv]
+  kv_index: jax.Array  # int32 [Hl, nq, max_kv]; per row FULL blocks first, then PARTIAL
   kv_count: jax.Array  # int32 [Hl, nq]
   kv_mask_id: jax.Array  # int32 [Hl, nq, max_kv]; -1 FULL, >= 0 PARTIAL
-  q_index: jax.Array  # int32 [Hl, nk, max_q]
+  q_index: jax.Array  # int32 [Hl, nk, max_q]; same order rule
   q_count: jax.Array  # int32 [Hl, nk]
   q_mask_id: jax.Array  # int32 [Hl, nk, max_q]
   partial_masks: jax.Array  # bool [P, block_q, block_kv]
+  kv_full_count: jax.Array  # int32 [Hl, nq]: the first kv_full_count listed blocks are FULL
+  q_full_count: jax.Array  # int32 [Hl, nk]
 
 
 def transpose_block_lists(kv_index: jax.Array, kv_count: jax.Array, kv_mask_id: jax.Array,
@@ -229,11 +236,39 @@ def transpose_block_lists(kv_index: jax.Array, kv_count: jax.Array, kv_mask_id: 
   return q_index.astype(jnp.int32), q_count, q_mask_id.astype(jnp.int32)
 
 
+def full_blocks_first(index, count, mask_id):
+  """Reorders each row's listed blocks FULL first, then PARTIAL (both stable), so a kernel can
+  visit the FULL blocks in a loop without any mask code and the PARTIAL ones in a masked loop.
+
+  Works on host NumPy lists (the usual case, no device work) and on traced jax arrays alike.
+  Args: index, mask_id int32 [Hl, n, width], count [Hl, n]. Returns (index, mask_id, full_count
+  [Hl, n]); padding entries past the count repeat the last valid entry of the new order (0 when
+  the count is 0), so a TPU pipeline never re-fetches a block for them.
+  """
+  xp = np if all(isinstance(a, np.ndarray) for a in (index, count, mask_id)) else jnp
+  listed = xp.arange(index.shape[-1]) < count[..., None]
+  full_count = xp.sum(listed & (mask_id < 0), axis=-1).astype(np.int32)
+  rank = xp.where(listed, (mask_id >= 0).astype(np.int32), 2)
+  order = xp.argsort(rank, axis=-1, stable=True)
+  index = xp.take_along_axis(index, order, axis=-1)
+  mask_id = xp.take_along_axis(mask_id, order, axis=-1)
+  last = xp.maximum(count - 1, 0)[..., None]
+  index = xp.where(listed, index, xp.take_along_axis(index, last, axis=-1))
+  mask_id = xp.where(listed, mask_id, xp.take_along_axis(mask_id, last, axis=-1))
+  return index, mask_id, full_count
+
+
+def _int32(x):
+  """int32 lists: NumPy stays on the host (reordered there), jax arrays (maybe traced) stay jax."""
+  return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+
+
 def layout_to_arrays(layout: Any, num_heads: int) -> tuple[LayoutArrays, LayoutMeta]:
   """Reads a BlockLayout (host NumPy) or any object with the contract fields (possibly traced).
 
   The transposed view is taken from the layout when present (`q_index`, `q_count`, `q_mask_id`
-  not None) and computed on device from the forward lists otherwise.
+  not None) and computed on device from the forward lists otherwise. Both views come back with
+  each row's FULL blocks first (`full_blocks_first`); host lists are reordered on the host.
   """
   for name in ("kv_index", "kv_count", "kv_mask_id", "partial_masks", "seq_q", "seq_kv",
                "block_q", "block_kv"):
@@ -242,9 +277,8 @@ def layout_to_arrays(layout: Any, num_heads: int) -> tuple[LayoutArrays, LayoutM
   seq_q, seq_kv = int(layout.seq_q), int(layout.seq_kv)
   block_q, block_kv = int(layout.block_q), int(layout.block_kv)
   nq, nk = -(-seq_q // block_q), -(-seq_kv // block_kv)
-  kv_index = jnp.asarray(layout.kv_index, jnp.int32)
-  kv_count = jnp.asarray(layout.kv_count, jnp.int32)
-  kv_mask_id = jnp.asarray(layout.kv_mask_id, jnp.int32)
+  kv_index, kv_count, kv_mask_id = (_int32(getattr(layout, name))
+                                    for name in ("kv_index", "kv_count", "kv_mask_id"))
   partial_masks = jnp.asarray(layout.partial_masks, jnp.bool_)
   hl = kv_index.shape[0]
   if kv_index.ndim != 3 or kv_index.shape[1] != nq or kv_count.shape != (hl, nq):
@@ -259,18 +293,20 @@ def layout_to_arrays(layout: Any, num_heads: int) -> tuple[LayoutArrays, LayoutM
     raise ValueError(f"layout.partial_masks {partial_masks.shape} must be [P, {block_q}, "
                      f"{block_kv}].")
   if getattr(layout, "q_index", None) is not None:
-    q_index = jnp.asarray(layout.q_index, jnp.int32)
-    q_count = jnp.asarray(layout.q_count, jnp.int32)
-    q_mask_id = jnp.asarray(layout.q_mask_id, jnp.int32)
+    q_index, q_count, q_mask_id = (_int32(getattr(layout, name))
+                                   for name in ("q_index", "q_count", "q_mask_id"))
     if q_index.shape[:2] != (hl, nk) or q_count.shape != (hl, nk):
       raise ValueError(f"layout.q_index {q_index.shape} does not match [Hl={hl}, nk={nk}, max_q].")
   else:
     q_index, q_count, q_mask_id = transpose_block_lists(kv_index, kv_count, kv_mask_id, nk)
+  kv_index, kv_mask_id, kv_full_count = full_blocks_first(kv_index, kv_count, kv_mask_id)
+  q_index, q_mask_id, q_full_count = full_blocks_first(q_index, q_count, q_mask_id)
   meta = LayoutMeta(seq_q=seq_q, seq_kv=seq_kv, block_q=block_q, block_kv=block_kv,
                     num_q_blocks=nq, num_kv_blocks=nk, layout_heads=hl,
                     max_kv=kv_index.shape[2], max_q=q_index.shape[2])
-  arrays = LayoutArrays(kv_index, kv_count, kv_mask_id, q_index, q_count, q_mask_id,
-                        partial_masks)
+  arrays = LayoutArrays(*(jnp.asarray(x) for x in (
+      kv_index, kv_count, kv_mask_id, q_index, q_count, q_mask_id, partial_masks,
+      kv_full_count, q_full_count)))
   return arrays, meta
 
 
@@ -294,6 +330,15 @@ def mask_partial(s: jax.Array, mask_id: jax.Array, load_mask: Callable[[jax.Arra
   return lax.cond(mask_id >= 0,
                   lambda x: jnp.where(load_mask(mask_id), x, -jnp.inf),
                   lambda x: x, s)
+
+
+def apply_mask(s: jax.Array, mask_id: jax.Array, load_mask: Callable[[jax.Array], jax.Array],
+               masked: bool | None) -> jax.Array:
+  """Masking for a block whose kind is known statically (False: FULL, s unchanged; True:
+  PARTIAL, predicate applied unconditionally) or only at run time (None: `mask_partial`)."""
+  if masked is None:
+    return mask_partial(s, mask_id, load_mask)
+  return jnp.where(load_mask(mask_id), s, -jnp.inf) if masked else s
 
 
 def softmax_init(rows: int, head_dim: int):

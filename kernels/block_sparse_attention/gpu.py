@@ -37,6 +37,16 @@ def _int8(masks: jax.Array) -> jax.Array:
   return masks.astype(jnp.int8)
 
 
+def _lists(arrays: LayoutArrays, view: str) -> tuple[jax.Array, ...]:
+  """(index, count, full_count, mask_id) of the forward ("kv") or transposed ("q") view."""
+  return tuple(getattr(arrays, f"{view}_{name}")
+               for name in ("index", "count", "full_count", "mask_id"))
+
+
+def _list_specs(arrays: LayoutArrays, view: str) -> list[pl.BlockSpec]:
+  return [_full(x.shape) for x in _lists(arrays, view)]
+
+
 def _split(index, sub: int, tile: int):
   """Program/loop index over tiles -> (layout block, row offset inside the block)."""
   return common.div(index, sub), common.rem(index, sub) * tile
@@ -63,25 +73,39 @@ def _kv_head_map(group: int):
   return lambda i, b, h: (b, 0, common.div(h, group), 0)
 
 
-def _fwd_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *, meta: LayoutMeta, tq: int, tk: int, scale_log2: float):
+def _visit_blocks(full, count, body, carry, separate: bool):
+  """Runs `body(t, carry, masked)` over the listed tiles t in [0, count).
+
+  The lists hold FULL blocks first (`common.full_blocks_first`): with `separate`, tiles
+  [0, full) run in a loop without any mask code and [full, count) in a masked loop; otherwise
+  one loop whose body branches on each block's kind (`masked=None`).
+  """
+  if not separate:
+    return lax.fori_loop(0, count, functools.partial(body, masked=None), carry)
+  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full, count, functools.partial(body, masked=True), carry)
+
+
+def _fwd_kernel(kv_index_ref, kv_count_ref, kv_full_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref,
+                v_ref, o_ref, lse_ref, *, meta: LayoutMeta, tiles: Tiles, scale_log2: float):
+  tq, tk = tiles.fwd_q, tiles.fwd_kv
   i, h = _query_tile(meta, tq), pl.program_id(2)
   hl = h if meta.layout_heads > 1 else 0
   q_block, q_off = _split(i, meta.block_q // tq, tq)
   kv_sub = meta.block_kv // tk
   q = q_ref[...]  # [tq, D]
 
-  def body(t, carry):
+  def body(t, carry, masked):
     j, k_off = _split(t, kv_sub, tk)
     start = pl.multiple_of(kv_index_ref[hl, q_block, j] * meta.block_kv + k_off, tk)
     s = common.scores(q, k_ref[pl.ds(start, tk), :], scale_log2)
-    s = common.mask_partial(
+    s = common.apply_mask(
         s, kv_mask_id_ref[hl, q_block, j],
-        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0)
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0, masked)
     return common.softmax_step(carry, s, v_ref[pl.ds(start, tk), :])
 
-  count = kv_count_ref[hl, q_block] * kv_sub
-  carry = lax.fori_loop(0, count, body, common.softmax_init(tq, q.shape[-1]))
+  carry = _visit_blocks(kv_full_ref[hl, q_block] * kv_sub, kv_count_ref[hl, q_block] * kv_sub,
+                        body, common.softmax_init(tq, q.shape[-1]), tiles.separate_partial)
   out, lse = common.softmax_finalize(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
@@ -94,15 +118,14 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
   seq_kv, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   tq, tk = tiles.fwd_q, tiles.fwd_kv
-  kernel = functools.partial(_fwd_kernel, meta=meta, tq=tq, tk=tk,
+  kernel = functools.partial(_fwd_kernel, meta=meta, tiles=tiles,
                              scale_log2=scale * common.LOG2E)
   kv_spec = pl.BlockSpec((None, seq_kv, None, head_dim), _kv_head_map(group))
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   return pl.pallas_call(
       kernel,
       grid=(seq_q // tq, batch, heads),
-      in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
-                _full(arrays.kv_mask_id.shape), _full(arrays.partial_masks.shape),
+      in_specs=[*_list_specs(arrays, "kv"), _full(arrays.partial_masks.shape),
                 tile_spec, kv_spec, kv_spec],
       out_specs=[tile_spec, pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -111,12 +134,13 @@ def forward(q, k, v, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles, scale
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, _int8(arrays.partial_masks), q, k, v)
+  )(*_lists(arrays, "kv"), _int8(arrays.partial_masks), q, k, v)
 
 
-def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref, v_ref,
-               do_ref, lse2_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tq: int, tk: int,
+def _dq_kernel(kv_index_ref, kv_count_ref, kv_full_ref, kv_mask_id_ref, masks_ref, q_ref, k_ref,
+               v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *, meta: LayoutMeta, tiles: Tiles,
                scale: float):
+  tq, tk = tiles.dq_q, tiles.dq_kv
   i, h = _query_tile(meta, tq), pl.program_id(2)
   hl = h if meta.layout_heads > 1 else 0
   q_block, q_off = _split(i, meta.block_q // tq, tq)
@@ -125,29 +149,30 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_mask_id_ref, masks_ref, q_ref, k_r
   lse2 = lse2_ref[...][:, None]  # [tq, 1]
   delta = delta_ref[...][:, None]
 
-  def body(t, dq):
+  def body(t, dq, masked):
     j, k_off = _split(t, kv_sub, tk)
     start = pl.multiple_of(kv_index_ref[hl, q_block, j] * meta.block_kv + k_off, tk)
     k = k_ref[pl.ds(start, tk), :]
     s = common.scores(q, k, scale * common.LOG2E)
-    s = common.mask_partial(
+    s = common.apply_mask(
         s, kv_mask_id_ref[hl, q_block, j],
-        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0)
+        lambda m: masks_ref[m, pl.ds(q_off, tq), pl.ds(k_off, tk)] != 0, masked)
     return common.dq_step(dq, s, lse2, delta, do, k, v_ref[pl.ds(start, tk), :])
 
-  count = kv_count_ref[hl, q_block] * kv_sub
-  dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+  dq = _visit_blocks(kv_full_ref[hl, q_block] * kv_sub, kv_count_ref[hl, q_block] * kv_sub,
+                     body, jnp.zeros(q.shape, jnp.float32), tiles.separate_partial)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_ref, v_ref,
-                do_ref, lse2_ref, delta_ref, *refs, meta: LayoutMeta, tq: int, tk: int,
-                group: int, scale: float, fused_dq: bool):
+def _dkv_kernel(q_index_ref, q_count_ref, q_full_ref, q_mask_id_ref, masks_t_ref, q_ref, k_ref,
+                v_ref, do_ref, lse2_ref, delta_ref, *refs, meta: LayoutMeta, tiles: Tiles,
+                group: int, scale: float):
   """dK/dV of one key tile; with `fused_dq` also adds dS @ k into the f32 dQ buffer (atomics).
 
   refs: (dk_ref, dv_ref), or with fused_dq (dq_in_ref, dk_ref, dv_ref, dq_ref), where dq_ref
   aliases the zero-initialised dq_in buffer [B, Tp, H, D] f32.
   """
+  tq, tk, fused_dq = tiles.dkv_q, tiles.dkv_kv, tiles.fused_dq
   if fused_dq:
     _, dk_ref, dv_ref, dq_ref = refs
   else:
@@ -161,14 +186,14 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_r
     h = kv_head * group + g
     hl = h if meta.layout_heads > 1 else 0
 
-    def body(t, carry):
+    def body(t, carry, masked):
       j, q_off = _split(t, q_sub, tq)
       start = pl.multiple_of(q_index_ref[hl, kv_block, j] * meta.block_q + q_off, tq)
       q = q_ref[b, pl.ds(start, tq), h, :]
       s_t = common.scores(k, q, scale * common.LOG2E)  # [tk, tq]
-      s_t = common.mask_partial(
+      s_t = common.apply_mask(
           s_t, q_mask_id_ref[hl, kv_block, j],
-          lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)] != 0)
+          lambda m: masks_t_ref[m, pl.ds(k_off, tk), pl.ds(q_off, tq)] != 0, masked)
       lse2 = lse2_ref[b, h, pl.ds(start, tq)][None, :]  # [1, tq]
       delta = delta_ref[b, h, pl.ds(start, tq)][None, :]
       do = do_ref[b, pl.ds(start, tq), h, :]
@@ -178,7 +203,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_mask_id_ref, masks_t_ref, q_ref, k_r
       plgpu.atomic_add(dq_ref, (b, pl.ds(start, tq), h, slice(None)), dq)
       return carry
 
-    return lax.fori_loop(0, q_count_ref[hl, kv_block] * q_sub, body, carry)
+    return _visit_blocks(q_full_ref[hl, kv_block] * q_sub, q_count_ref[hl, kv_block] * q_sub,
+                         body, carry, tiles.separate_partial)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   if group == 1:
@@ -200,10 +226,9 @@ def dq_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
   tile_spec = pl.BlockSpec((None, tq, None, head_dim), _reversed_tile_map(seq_q // tq))
   row_spec = pl.BlockSpec((None, None, tq), _reversed_row_map(seq_q // tq))
   return pl.pallas_call(
-      functools.partial(_dq_kernel, meta=meta, tq=tq, tk=tk, scale=scale),
+      functools.partial(_dq_kernel, meta=meta, tiles=tiles, scale=scale),
       grid=(seq_q // tq, batch, heads),
-      in_specs=[_full(arrays.kv_index.shape), _full(arrays.kv_count.shape),
-                _full(arrays.kv_mask_id.shape), _full(arrays.partial_masks.shape),
+      in_specs=[*_list_specs(arrays, "kv"), _full(arrays.partial_masks.shape),
                 tile_spec, kv_spec, kv_spec, tile_spec, row_spec, row_spec],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -211,8 +236,7 @@ def dq_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, ti
                                            num_stages=tiles.num_stages_dq),
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(arrays.kv_index, arrays.kv_count, arrays.kv_mask_id, _int8(arrays.partial_masks),
-    q, k, v, do, lse2, delta)
+  )(*_lists(arrays, "kv"), _int8(arrays.partial_masks), q, k, v, do, lse2, delta)
 
 
 def dkv_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, tiles: Tiles,
@@ -225,10 +249,9 @@ def dkv_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, t
   fused = tiles.fused_dq
   masks_t = _int8(jnp.swapaxes(arrays.partial_masks, 1, 2))  # [P, block_kv, block_q]
   kv_tile_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, g: (b, i, g, 0))
-  in_specs = [_full(arrays.q_index.shape), _full(arrays.q_count.shape),
-              _full(arrays.q_mask_id.shape), _full(masks_t.shape), _full(q.shape),
+  in_specs = [*_list_specs(arrays, "q"), _full(masks_t.shape), _full(q.shape),
               kv_tile_spec, kv_tile_spec, _full(do.shape), _full(lse2.shape), _full(delta.shape)]
-  args = [arrays.q_index, arrays.q_count, arrays.q_mask_id, masks_t, q, k, v, do, lse2, delta]
+  args = [*_lists(arrays, "q"), masks_t, q, k, v, do, lse2, delta]
   out_specs = [kv_tile_spec, kv_tile_spec]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   aliases = {}
@@ -239,8 +262,8 @@ def dkv_call(q, k, v, do, lse2, delta, arrays: LayoutArrays, meta: LayoutMeta, t
     out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
     aliases = {len(args) - 1: 2}
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, meta=meta, tq=tq, tk=tk, group=heads // kv_heads,
-                        scale=scale, fused_dq=fused),
+      functools.partial(_dkv_kernel, meta=meta, tiles=tiles, group=heads // kv_heads,
+                        scale=scale),
       grid=(seq_kv // tk, batch, kv_heads),
       in_specs=in_specs,
       out_specs=out_specs,

@@ -131,6 +131,9 @@ CASES = {
     # dQ summed by atomic adds inside the dK/dV kernel: GQA group loop, sub-tiles, masked rows.
     "fused_dq_gqa_subtiles_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
         platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, block_q_dkv=32, fused_dq=True))),
+    # One loop branching on each block's kind instead of the FULL-first split loops.
+    "branching_loop_mixture_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
+        platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, separate_partial=False))),
     "tpu_causal_gqa_d128": (lambda: lb.dense(256, block_q=64, causal=True),
                             dict(platform="tpu", dim=128)),
     "tpu_mixture_masked_rows_bf16": (lambda: _fully_masked_layout(160, 32),
@@ -193,6 +196,34 @@ def test_transpose_block_lists_matches_host(layout):
   pad = np.where(q_count[..., None] > 0, last, 0)
   padding = np.arange(q_index.shape[-1]) >= q_count[..., None]
   assert np.where(padding, q_index == pad, True).all()
+
+
+@pytest.mark.parametrize("layout", [
+    lb.dense(200, block_q=32, causal=True),
+    lb.bigbird(256, block_q=32, left=40, num_global=8, num_random_blocks=2, num_heads=3),
+    layouts.per_head([lb.sliding_window(160, block_q=32, left=20),
+                      lb.from_predicate(lb.Diagonal(40, 60), seq_q=160, block_q=32)]),
+], ids=["causal", "bigbird", "mixture_with_empty"])
+def test_full_blocks_first_keeps_each_row_and_orders_it(layout):
+  """Host (NumPy) and traced (jit) reorders agree; rows keep their (block, mask) pairs, FULL first."""
+  views = [(layout.kv_index, layout.kv_count, layout.kv_mask_id),
+           (layout.q_index, layout.q_count, layout.q_mask_id)]
+  for index, count, mask_id in views:
+    host = common.full_blocks_first(index, count, mask_id)
+    assert all(isinstance(x, np.ndarray) for x in host)
+    traced = jax.jit(common.full_blocks_first)(index, count, mask_id)
+    for h, t in zip(host, traced):
+      np.testing.assert_array_equal(h, np.asarray(t))
+    new_index, new_mask, full = host
+    np.testing.assert_array_equal(full, (np.where(np.arange(index.shape[-1]) < count[..., None],
+                                                  mask_id, 0) < 0).sum(-1))
+    for row in np.ndindex(*count.shape):
+      n, f = count[row], full[row]
+      assert sorted(zip(index[row][:n], mask_id[row][:n])) == sorted(
+          zip(new_index[row][:n], new_mask[row][:n])), row
+      assert (new_mask[row][:f] < 0).all() and (new_mask[row][f:n] >= 0).all(), row
+      pad_to = new_index[row][n - 1] if n else 0
+      assert (new_index[row][n:] == pad_to).all(), row
 
 
 def test_interpret_outputs_start_poisoned():
