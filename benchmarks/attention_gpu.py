@@ -378,8 +378,10 @@ def write_report(out_dir: str, report: dict) -> None:
       f"Device: **{report['device']}**; jax {report['jax']}; {report['date']}; "
       f"command: `{report['command']}`; total {report.get('wall_s', 0):.0f} s.", "",
       f"Inputs {cfg['dtype']}, H = {cfg['heads']} (MHA), D = {cfg['head_dim']}, batch = "
-      f"{cfg['tokens_per_step']} / T, layout blocks {cfg['layout_block']}; kernel tiles: the "
-      "defaults of `common.resolve_tiles`. Times are medians over 5 windows of back-to-back calls. "
+      f"{cfg['tokens_per_step']} / T, layout blocks {cfg['layout_block']}; kernel tiles: "
+      + (f"`{report['block_sizes']}` (from `{report['block_sizes_from']}`)"
+         if report.get("block_sizes") else "the defaults of `common.resolve_tiles`")
+      + ". Times are medians over 5 windows of back-to-back calls. "
       "Effective TFLOP/s count only the visited (query, key) blocks (4·pairs·D forward, 3.5x "
       "that for forward+backward); cuDNN and Pallas `mha` count the causal half. `bound` = "
       "1 / density relative to dense causal; `of bound` = (speedup vs cuDNN dense causal) / bound. "
@@ -423,6 +425,22 @@ def write_report(out_dir: str, report: dict) -> None:
     f.write("\n".join(lines) + "\n")
 
 
+def _non_default(sizes: BlockSizes) -> dict:
+  return {k: v for k, v in dataclasses.asdict(sizes).items() if v != getattr(BlockSizes(), k)}
+
+
+def load_block_sizes(path: str) -> BlockSizes:
+  """BlockSizes from a JSON object of its fields (unknown fields are an error naming them)."""
+  with open(path) as f:
+    fields = json.load(f)
+  known = {f.name for f in dataclasses.fields(BlockSizes)}
+  unknown = sorted(set(fields) - known)
+  if not isinstance(fields, dict) or unknown:
+    raise SystemExit(f"--block-sizes {path}: expected a JSON object of BlockSizes fields "
+                     f"{sorted(known)}; unknown: {unknown}.")
+  return BlockSizes(**fields)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   default_out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
@@ -434,7 +452,11 @@ def main(argv=None) -> int:
   parser.add_argument("--budget-s", type=float, default=270.0,
                       help="wall-clock budget; later timing cases and the sweep are skipped")
   parser.add_argument("--no-sweep", action="store_true")
+  parser.add_argument("--block-sizes", metavar="JSON",
+                      help="BlockSizes fields for every block-sparse check and timing, e.g. the "
+                           "best_block_sizes.json written by attention_gpu_tune.py")
   args = parser.parse_args(argv)
+  block_sizes = load_block_sizes(args.block_sizes) if args.block_sizes else None
 
   cfg = SMOKE if args.smoke else QUICK if args.quick else FULL
   device = jax.devices()[0]
@@ -447,12 +469,14 @@ def main(argv=None) -> int:
               for k, v in dataclasses.asdict(cfg).items()}
   report = dict(device=device.device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["python"] + sys.argv),
-                settings=settings, correctness=[], timings=[], sweep=[])
+                settings=settings, correctness=[], timings=[], sweep=[],
+                block_sizes=None if block_sizes is None else _non_default(block_sizes),
+                block_sizes_from=args.block_sizes)
   log(f"== 1. correctness (T={cfg.check_seq}) ==")
-  check_correctness(cfg, report["correctness"])
+  check_correctness(cfg, report["correctness"], block_sizes)
   write_report(args.out, report)
   log("== 2. timings ==")
-  run_timings(cfg, budget, report["timings"])
+  run_timings(cfg, budget, report["timings"], block_sizes)
   add_ratios(report["timings"])
   report["wall_s"] = budget.elapsed()
   write_report(args.out, report)

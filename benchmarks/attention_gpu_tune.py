@@ -2,6 +2,8 @@
 """Per-kernel tile tuning of the GPU block-sparse attention kernels (forward, dQ, dK/dV).
 
     python benchmarks/attention_gpu_tune.py --out DIR   # one GPU, ~2.5 min -> DIR/attention_gpu_tune.json
+    # then, in the same device call: the benchmark with the winning tiles
+    python benchmarks/attention_gpu.py --out DIR --no-sweep --block-sizes DIR/best_block_sizes.json
 
 Times each kernel on its own (forward, the dQ kernel, the split dK/dV kernel, and the fused
 dK/dV kernel that also accumulates dQ with atomic adds) for every candidate of `FWD`, `DQ`, `DKV`
@@ -44,9 +46,10 @@ FINAL_CASES = ((32768, ("causal", "local_2k")),)  # (T, layouts) of totals
 # tiles with the FULL-first split loops, the A/B of that change.
 FWD = [(128, 128, 8, 2, False), (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
 DQ = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-      (128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)]
+      (128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5)]
 DKV = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2),
-       (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3)]
+       (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 5)]
+# (128, 32, 4, 5) / (32, 128, 4, 5): the Triton tutorial's Hopper backward (BLOCK_M2/N2, M1/N1).
 FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
          (64, 128, 8, 3)]
 OLD_DEFAULTS = BlockSizes(num_stages=2, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
@@ -176,6 +179,24 @@ def finals(budget: bench.Budget, best: dict, report: dict) -> dict[str, BlockSiz
   return combos
 
 
+def write_winner(out_dir: str, combos: dict[str, BlockSizes], report: dict) -> None:
+  """best_block_sizes.json: the combo with the fastest dense-causal fwd+bwd at the longest T
+  (input to `attention_gpu.py --block-sizes`); nothing is written when no total was timed."""
+  seq = max(s for s, _ in FINAL_CASES)
+  timed = [r for r in report["totals"] if r.get("layout") == "causal" and r.get("seq") == seq
+           and "fwd_bwd_ms" in r and r["impl"] in combos]
+  if not timed:
+    bench.log("no combo timed; best_block_sizes.json not written")
+    return
+  winner = min(timed, key=lambda r: r["fwd_bwd_ms"])["impl"]
+  report["winner"] = winner
+  fields = {k: v for k, v in dataclasses.asdict(combos[winner]).items()
+            if v != getattr(BlockSizes(), k)}
+  with open(os.path.join(out_dir, "best_block_sizes.json"), "w") as f:
+    json.dump(fields, f, indent=1)
+  bench.log(f"winner at T={seq} causal: {winner} {fields} -> best_block_sizes.json")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
@@ -193,6 +214,7 @@ def main(argv=None) -> int:
     report["best"] = best
     bench.log(f"best per kernel: {best}")
     combos = finals(budget, best, report)
+    write_winner(args.out, combos, report)
     for name in ("best_split", "best_fused"):
       if name in combos:
         records = []

@@ -175,3 +175,24 @@ def test_tune_candidates_lower_for_cuda(sizes):
   text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
                           CFG.dtype), "cuda")
   assert _kernel_calls(text, "cuda") == (2 if sizes.fused_dq else 3)
+
+
+def test_tuner_winner_round_trips_into_the_benchmark(tmp_path):
+  """The tuner's best_block_sizes.json (fastest causal total) loads back as the same BlockSizes."""
+  combos = {"old_defaults": tune.OLD_DEFAULTS,
+            "best_fused": BlockSizes(block_q_dkv=32, block_kv_dkv=128, fused_dq=True),
+            "best_split": BlockSizes(block_q_dq=128, block_kv_dq=32, separate_partial=False)}
+  seq = max(s for s, _ in tune.FINAL_CASES)
+  report = {"totals": [
+      dict(impl="cudnn", layout="dense_causal", seq=seq, fwd_bwd_ms=1.0),
+      dict(impl="old_defaults", layout="causal", seq=seq, fwd_bwd_ms=9.0),
+      dict(impl="best_fused", layout="local_2k", seq=seq, fwd_bwd_ms=2.0),  # not the causal case
+      dict(impl="best_fused", layout="causal", seq=seq, fwd_bwd_ms=8.5),
+      dict(impl="best_split", layout="causal", seq=seq, fwd_bwd_ms=7.0),
+      dict(impl="best_split", layout="causal", seq=seq // 2, fwd_bwd_ms=1.0)]}
+  tune.write_winner(str(tmp_path), combos, report)
+  assert report["winner"] == "best_split"
+  assert bench.load_block_sizes(str(tmp_path / "best_block_sizes.json")) == combos["best_split"]
+  (tmp_path / "bad.json").write_text('{"block_q": 64, "blok_kv": 64}')
+  with pytest.raises(SystemExit, match="blok_kv"):
+    bench.load_block_sizes(str(tmp_path / "bad.json"))
