@@ -15,7 +15,9 @@ script in interpret mode on tiny shapes is `slow`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -161,9 +163,12 @@ def test_benchmark_report_handles_errors_and_skips(tmp_path):
 def test_benchmark_smoke_run(tmp_path, request):
   if not request.config.getoption("markexpr"):  # pyproject does not deselect `slow` by default
     pytest.skip("slow (~1 min): run with `pytest -m slow`")
-  assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path)]) == 0
+  (tmp_path / "tiles.json").write_text('{"block_q": 16, "separate_partial": false}')
+  assert bench.main(["--smoke", "--no-sweep", "--out", str(tmp_path),
+                     "--block-sizes", str(tmp_path / "tiles.json")]) == 0
   text = (tmp_path / "attention_gpu.md").read_text()
   assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
+  assert "`{'block_q': 16, 'separate_partial': False}`" in text
 
 
 @pytest.mark.parametrize("sizes", tune.all_candidates(), ids=lambda s: str(
@@ -196,3 +201,26 @@ def test_tuner_winner_round_trips_into_the_benchmark(tmp_path):
   (tmp_path / "bad.json").write_text('{"block_q": 64, "blok_kv": 64}')
   with pytest.raises(SystemExit, match="blok_kv"):
     bench.load_block_sizes(str(tmp_path / "bad.json"))
+
+
+def test_tuner_plumbing_runs_in_interpret_mode(tmp_path, monkeypatch):
+  """tune -> totals -> winner -> correctness end to end on tiny interpret-mode shapes, so a Python
+  slip cannot waste a scarce GPU run (the times here are fake; cuDNN is absent on CPU)."""
+  monkeypatch.setattr(tune, "CFG", dataclasses.replace(bench.SMOKE, layout_names=("causal",)))
+  monkeypatch.setattr(tune, "TUNE_SEQ", 64)
+  monkeypatch.setattr(tune, "FINAL_CASES", ((64, ("causal",)),))
+  for name in ("FWD", "DQ", "DKV", "FUSED"):
+    monkeypatch.setattr(tune, name, [(32, 32, 4, 2, False), (16, 32, 4, 2)])
+  fake_ms = iter(range(1000, 0, -1))  # every later program "faster": the last combo wins
+  monkeypatch.setattr(bench, "time_ms", lambda fn, args, **_: (
+      [jax.block_until_ready(fn(*args)), float(next(fake_ms))][1], 0.0))
+  assert tune.main(["--out", str(tmp_path), "--budget-s", "900"]) == 0
+  report = json.loads((tmp_path / "attention_gpu_tune.json").read_text())
+  assert [r for r in report["kernels"] if "ms" not in r] == []
+  # old_defaults' 64-row tiles do not divide these 32-token layout blocks: a recorded error.
+  assert [r["impl"] for r in report["totals"] if "fwd_bwd_ms" not in r] == ["cudnn", "old_defaults"]
+  assert report["best"]["fused"] == [16, 32, 4, 2]
+  assert report["winner"] == "best_fused"
+  assert all(r["ok"] for r in report["correctness"]) and len(report["correctness"]) == 4
+  winner = bench.load_block_sizes(str(tmp_path / "best_block_sizes.json"))
+  assert winner.fused_dq and winner.block_q_dkv == 16
