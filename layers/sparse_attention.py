@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers.layouts import FULL, BlockLayout
+from sparseformer.layers.layouts import BlockLayout
+from sparseformer.layers.sparse_attention_layout import (LIST_FIELDS, Geometry, geometry, on_host, tile_ids,
+                                                       tile_table, token_mask)
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 
@@ -51,7 +53,9 @@ def resolve_backend(backend: str) -> str:
   return backend
 
 
-def _check_shapes(q, k, v, layout: BlockLayout) -> None:
+def _check_shapes(q, k, v, layout) -> Geometry:
+  """Checks q, k, v against each other and the layout; returns the layout's static facts."""
+  geo = geometry(layout)
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"expected q [B, T, H, D] and k, v [B, S, KVH, D]; got {q.shape}, {k.shape}, {v.shape}")
   (batch, seq_q, heads, dim), (kv_batch, seq_kv, kv_heads, kv_dim) = q.shape, k.shape
@@ -59,16 +63,22 @@ def _check_shapes(q, k, v, layout: BlockLayout) -> None:
     raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head dim")
   if heads % kv_heads:
     raise ValueError(f"num_heads ({heads}) must be a multiple of num_kv_heads ({kv_heads})")
-  if (seq_q, seq_kv) != (layout.seq_q, layout.seq_kv):
-    raise ValueError(f"layout built for seq {layout.seq_q}x{layout.seq_kv}, inputs have {seq_q}x{seq_kv}; "
+  if (seq_q, seq_kv) != (geo.seq_q, geo.seq_kv):
+    raise ValueError(f"layout built for seq {geo.seq_q}x{geo.seq_kv}, inputs have {seq_q}x{seq_kv}; "
                      "build the layout for the actual sequence lengths")
-  if layout.num_heads not in (1, heads):
-    raise ValueError(f"layout has {layout.num_heads} heads; it must have 1 or num_heads={heads}")
+  if geo.num_heads not in (1, heads):
+    raise ValueError(f"layout has {geo.num_heads} heads; it must have 1 or num_heads={heads}")
+  return geo
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout, *, backend: str = "auto",
            scale: float | None = None) -> jax.Array:
-  """Block-sparse attention of q [B, T, H, D] over k, v [B, S, KVH, D] under `layout` -> [B, T, H, D]."""
+  """Block-sparse attention of q [B, T, H, D] over k, v [B, S, KVH, D] under `layout` -> [B, T, H, D].
+
+  `layout` is a BlockLayout or any object with its contract fields whose lists (kv_index, kv_count,
+  kv_mask_id; partial_masks too) may be jax arrays built inside jit (content-routed attention). Such
+  lists are not validated: ids must lie in [0, num_kv_blocks) and no row may list a block twice.
+  """
   _check_shapes(q, k, v, layout)
   backend = resolve_backend(backend)
   if backend == "reference":
@@ -91,9 +101,10 @@ def _masked_softmax_stats(scores: jax.Array, mask: jax.Array, axes: tuple[int, .
 
 
 def reference_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None) -> jax.Array:
-  """Obvious dense masked attention: `masked_attention` under `layout.to_token_mask()` (tests only)."""
-  _check_shapes(q, k, v, layout)
-  return masked_attention(q, k, v, jnp.asarray(layout.to_token_mask()), scale=scale)
+  """Obvious dense masked attention: `masked_attention` under the layout's token mask (tests only)."""
+  geo = _check_shapes(q, k, v, layout)
+  mask = layout.to_token_mask() if isinstance(layout, BlockLayout) else token_mask(layout, geo)
+  return masked_attention(q, k, v, jnp.asarray(mask), scale=scale)
 
 
 def masked_attention(q, k, v, mask: jax.Array, *, scale: float | None = None) -> jax.Array:
@@ -156,26 +167,15 @@ class _Plan:
   Query blocks are grouped into a few buckets of similar list length (`_bucket_widths`), each run as
   its own loop with its own width, so one long row (a global query, a late strided row) does not
   pad every row to `max_kv`. Outputs are put back in query-block order by a static permutation.
+  The forward and backward take the bucket arrays from `unpack(lists)`; a host plan's `lists` is ().
   """
 
   def __init__(self, layout: BlockLayout, num_heads: int, kv_heads: int, dim: int):
-    self.layout, self.num_heads, self.kv_heads, self.dim = layout, num_heads, kv_heads, dim
-    self.shared = layout.num_heads == 1
-    # Gather groups: a shared layout gathers once per kv head and its GQA group of R query heads
-    # reuses the blocks (K/V are never repeated); a per-head layout gathers per query head.
-    self.groups = kv_heads if self.shared else num_heads
-    self.heads_per_group = num_heads // self.groups
-    p = len(layout.partial_masks)
-    valid = np.arange(layout.max_kv) < layout.kv_count[..., None]
-    tile_id = np.where(~valid, p + 1, np.where(layout.kv_mask_id == FULL, p, layout.kv_mask_id))
-    self.tiles = np.concatenate([layout.partial_masks, np.ones((1, layout.block_q, layout.block_kv), bool),
-                                 np.zeros((1, layout.block_q, layout.block_kv), bool)])  # FULL, padding
-    tile_id = tile_id.transpose(1, 0, 2).astype(np.int32)  # [nq, Hl, max_kv]
-    if self.shared:
-      index = layout.kv_index.transpose(1, 0, 2)  # [nq, 1, max_kv] into [B, KVH, nk, ...]
-    else:  # [nq, H, max_kv] into the flattened [B, KVH * nk, ...]
-      kv_head = (np.arange(num_heads) // (num_heads // kv_heads))[:, None, None]
-      index = (kv_head * layout.num_kv_blocks + layout.kv_index).transpose(1, 0, 2)
+    self._init_heads(layout, num_heads, kv_heads, dim)
+    self.tiles = tile_table(np, layout.partial_masks)
+    tile_id = tile_ids(np, layout.kv_count, layout.kv_mask_id, self.layout.num_partial)
+    tile_id = tile_id.transpose(1, 0, 2)  # [nq, Hl, max_kv]
+    index = self.gather_index(np, layout.kv_index)
     counts = layout.kv_count.max(axis=0)  # [nq]: a step serves every head of its query block
     widths = _bucket_widths(counts)
     bucket_of = np.searchsorted(widths, np.maximum(counts, 1))
@@ -187,6 +187,28 @@ class _Plan:
       self.buckets.append((steps, index[steps, :, :width].astype(np.int32), tile_id[steps, :, :width]))
     order = np.concatenate([steps for steps, _, _ in self.buckets])
     self.inverse = None if (order == np.arange(len(order))).all() else np.argsort(order)
+
+  def _init_heads(self, layout, num_heads: int, kv_heads: int, dim: int):
+    self.layout, self.num_heads, self.kv_heads, self.dim = geometry(layout), num_heads, kv_heads, dim
+    self.shared = self.layout.num_heads == 1
+    # Gather groups: a shared layout gathers once per kv head and its GQA group of R query heads
+    # reuses the blocks (K/V are never repeated); a per-head layout gathers per query head.
+    self.groups = kv_heads if self.shared else num_heads
+    self.heads_per_group = num_heads // self.groups
+
+  def gather_index(self, xp, kv_index):
+    """Per query block, the rows of `kv_blocks` to gather: [nq, 1, max_kv] into [B, KVH, nk, ...]
+    (shared layout) or [nq, H, max_kv] into the flattened [B, KVH * nk, ...] (per head)."""
+    if self.shared:
+      return kv_index.transpose(1, 0, 2)
+    kv_head = (xp.arange(self.num_heads) // (self.num_heads // self.kv_heads))[:, None, None]
+    return (kv_head * self.layout.num_kv_blocks + kv_index).transpose(1, 0, 2)
+
+  def unpack(self, lists: tuple):
+    """(tile table, [(query block ids, gather index, tile ids)] per bucket) from the plan operands."""
+    del lists  # a host plan's arrays are its own constants
+    return jnp.asarray(self.tiles), [(steps, jnp.asarray(index), jnp.asarray(tile_id))
+                                     for steps, index, tile_id in self.buckets]
 
   def kv_blocks(self, x: jax.Array) -> jax.Array:
     """[B, Sp, KVH, D] -> [B, KVH, nk, bk, D] (shared) or [B, KVH * nk, bk, D] (per head)."""
@@ -219,14 +241,40 @@ class _Plan:
   def q_unsteps(self, x: jax.Array) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4, 5).reshape(x.shape[1], self.layout.padded_seq_q, self.num_heads, -1)
 
-  def select(self, x: jax.Array, steps: np.ndarray) -> jax.Array:
+  def select(self, x: jax.Array, steps: np.ndarray | None) -> jax.Array:
     """Rows `steps` of a per-query-block array [nq, ...] (no gather with a single bucket)."""
-    return x if len(self.buckets) == 1 else x[steps]
+    return x if steps is None or len(self.buckets) == 1 else x[steps]
 
   def merge(self, parts: list[jax.Array]) -> jax.Array:
     """Per-bucket results [n_b, ...] -> [nq, ...] in query-block order."""
     merged = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
     return merged if self.inverse is None else merged[self.inverse]
+
+
+class _TracedPlan(_Plan):
+  """`_Plan` of a layout whose lists are jax arrays (maybe traced, e.g. top-k routed inside jit).
+
+  One bucket of the static width max_kv (no host view of the list lengths); gather indices and tile
+  ids are computed with jnp by `operands` and passed to the custom VJP as operands, since a
+  custom_vjp takes no tracers among its static arguments.
+  """
+
+  def __init__(self, layout, num_heads: int, kv_heads: int, dim: int):
+    self._init_heads(layout, num_heads, kv_heads, dim)
+    self.buckets, self.inverse = None, None  # one bucket, in query-block order
+
+  def operands(self, layout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tile table [P + 2, bq, bk], gather index [nq, Hl|H, max_kv], tile ids [nq, Hl, max_kv])."""
+    lay = self.layout
+    kv_index, kv_count, kv_mask_id = (jnp.asarray(getattr(layout, name), jnp.int32) for name in LIST_FIELDS)
+    kv_index = jnp.clip(kv_index, 0, lay.num_kv_blocks - 1)  # an out-of-range id must not read another head
+    tile_id = tile_ids(jnp, kv_count, kv_mask_id, lay.num_partial).transpose(1, 0, 2)
+    tiles = tile_table(jnp, jnp.asarray(layout.partial_masks, bool))
+    return tiles, self.gather_index(jnp, kv_index), tile_id
+
+  def unpack(self, lists: tuple):
+    tiles, index, tile_id = lists
+    return tiles, [(None, index, tile_id)]
 
 
 def _scores(plan: _Plan, tiles, q_step, k_step, tile_id):
@@ -235,9 +283,10 @@ def _scores(plan: _Plan, tiles, q_step, k_step, tile_id):
   return jnp.where(plan.mask(tiles, tile_id), scores, -jnp.inf)
 
 
-def _xla_forward(plan: _Plan, q, k, v):
+def _xla_forward(plan: _Plan, q, k, v, lists: tuple = ()):
   """(out [B, Tp, H, D] in q.dtype, lse f32 [nq, B, Gr, bq, R]) for pre-scaled, padded q."""
-  k_blocks, v_blocks, tiles = plan.kv_blocks(k), plan.kv_blocks(v), jnp.asarray(plan.tiles)
+  tiles, buckets = plan.unpack(lists)
+  k_blocks, v_blocks = plan.kv_blocks(k), plan.kv_blocks(v)
 
   def step(args):
     q_step, index, tile_id = args
@@ -252,27 +301,31 @@ def _xla_forward(plan: _Plan, q, k, v):
     return (out / safe_sum[..., None]).astype(q.dtype), row_max[..., 0, 0] + jnp.log(safe_sum)
 
   q_steps, outs, lses = plan.q_steps(q), [], []
-  for steps, index, tile_id in plan.buckets:
-    out, lse = jax.lax.map(step, (plan.select(q_steps, steps), jnp.asarray(index), jnp.asarray(tile_id)))
+  for steps, index, tile_id in buckets:
+    out, lse = jax.lax.map(step, (plan.select(q_steps, steps), index, tile_id))
     outs.append(out)
     lses.append(lse)
   return plan.q_unsteps(plan.merge(outs)), plan.merge(lses)
+
+
+# `lists` (a traced plan's index arrays; () for a host plan) are operands with no cotangent.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _xla_core(plan: _Plan, q, k, v):
-  return _xla_forward(plan, q, k, v)[0]
+def _xla_core(plan: _Plan, q, k, v, lists: tuple):
+  return _xla_forward(plan, q, k, v, lists)[0]
 
 
-def _xla_core_fwd(plan: _Plan, q, k, v):
-  out, lse = _xla_forward(plan, q, k, v)
-  return out, (q, k, v, out, lse)
+def _xla_core_fwd(plan: _Plan, q, k, v, lists: tuple):
+  out, lse = _xla_forward(plan, q, k, v, lists)
+  return out, (q, k, v, out, lse, lists)
 
 
 def _xla_core_bwd(plan: _Plan, residuals, d_out):
   """Flash-style backward, one scan step per query block: recompute p from lse, dq for the block,
   scatter-add dk/dv of its listed key blocks into f32 accumulators."""
-  q, k, v, out, lse = residuals
+  q, k, v, out, lse, lists = residuals
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  k_blocks, v_blocks, tiles = plan.kv_blocks(k), plan.kv_blocks(v), jnp.asarray(plan.tiles)
+  tiles, buckets = plan.unpack(lists)
+  k_blocks, v_blocks = plan.kv_blocks(k), plan.kv_blocks(v)
 
   def step(carry, args):
     dk_acc, dv_acc = carry
@@ -289,13 +342,14 @@ def _xla_core_bwd(plan: _Plan, residuals, d_out):
 
   q_steps, do_steps, delta_steps = plan.q_steps(q), plan.q_steps(d_out.astype(q.dtype)), plan.q_steps(delta)
   carry, dqs = (jnp.zeros(k_blocks.shape, jnp.float32),) * 2, []
-  for steps, index, tile_id in plan.buckets:  # dk/dv accumulate across buckets through the carry
+  for steps, index, tile_id in buckets:  # dk/dv accumulate across buckets through the carry
     xs = (plan.select(q_steps, steps), plan.select(do_steps, steps), plan.select(lse, steps),
-          plan.select(delta_steps, steps), jnp.asarray(index), jnp.asarray(tile_id))
+          plan.select(delta_steps, steps), index, tile_id)
     carry, dq = jax.lax.scan(step, carry, xs)
     dqs.append(dq)
   dk, dv = carry
-  return plan.q_unsteps(plan.merge(dqs)), plan.kv_unblocks(dk).astype(k.dtype), plan.kv_unblocks(dv).astype(v.dtype)
+  return (plan.q_unsteps(plan.merge(dqs)), plan.kv_unblocks(dk).astype(k.dtype),
+          plan.kv_unblocks(dv).astype(v.dtype), None)
 
 
 _xla_core.defvjp(_xla_core_fwd, _xla_core_bwd)
@@ -311,13 +365,19 @@ def xla_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None) -
   Per query block: gather its listed K/V blocks [B, Gr, max_kv, bk, D] (Gr = KVH for a shared
   layout, H for a per-head one), f32 scores [B, Gr, bq, R, max_kv, bk] (R = H / Gr query heads
   per group), masked softmax, and the value product. Sequences are padded to whole blocks.
+  Host (NumPy) layouts run query blocks in buckets of similar list length; jax (maybe traced)
+  lists run every query block at width max_kv.
   """
-  _check_shapes(q, k, v, layout)
+  geo = _check_shapes(q, k, v, layout)
   batch, seq_q, heads, dim = q.shape
   scale = 1.0 / math.sqrt(dim) if scale is None else scale
-  plan = _Plan(layout, heads, k.shape[2], dim)
+  if on_host(layout):
+    plan, lists = _Plan(layout, heads, k.shape[2], dim), ()
+  else:
+    plan = _TracedPlan(layout, heads, k.shape[2], dim)
+    lists = plan.operands(layout)
   # Scaling q once (in f32, one rounding) is cheaper than scaling every score.
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-  q = _pad_to(q, layout.padded_seq_q)
-  k, v = _pad_to(k, layout.padded_seq_kv), _pad_to(v, layout.padded_seq_kv)
-  return _xla_core(plan, q, k, v)[:, :seq_q]
+  q = _pad_to(q, geo.padded_seq_q)
+  k, v = _pad_to(k, geo.padded_seq_kv), _pad_to(v, geo.padded_seq_kv)
+  return _xla_core(plan, q, k, v, lists)[:, :seq_q]

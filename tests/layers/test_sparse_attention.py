@@ -1,6 +1,7 @@
 """`xla` backend against the dense `reference` (values and dq/dk/dv), plus an independent oracle."""
 
 import functools
+import types
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -227,3 +228,153 @@ def test_splash_oracle_values(name):
 @pytest.mark.parametrize("name", ["causal", "local", "chunked"])
 def test_splash_oracle_grads(name):
   _splash_vs_xla(name, with_grads=True)
+
+
+# ------------------------------------------------ traced layouts (lists built inside jit)
+SEED = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs every run; printed on failure
+
+
+def routed_layout(geometry: tuple, kv_index, kv_count, kv_mask_id, partial_masks):
+  """A content-routed layout: the contract fields, lists as (traced) jax arrays, no transposed view."""
+  seq_q, seq_kv, block_q, block_kv = geometry
+  return types.SimpleNamespace(seq_q=seq_q, seq_kv=seq_kv, block_q=block_q, block_kv=block_kv, kv_index=kv_index,
+                               kv_count=kv_count, kv_mask_id=kv_mask_id, partial_masks=partial_masks)
+
+
+def traced_values_and_grads(q, k, v, cotangent, layout, *, backend="xla", traced_masks=True):
+  """(out, dq, dk, dv) of `attend` under `layout` whose lists (and partial_masks if `traced_masks`)
+  go through jax.jit as arguments, so the backend sees tracers."""
+  geometry = (layout.seq_q, layout.seq_kv, layout.block_q, layout.block_kv)
+
+  def run(q, k, v, cotangent, kv_index, kv_count, kv_mask_id, *masks):
+    assert isinstance(kv_index, jax.core.Tracer)
+    routed = routed_layout(geometry, kv_index, kv_count, kv_mask_id, *(masks or (layout.partial_masks,)))
+    out, vjp = jax.vjp(lambda q, k, v: sa.attend(q, k, v, routed, backend=backend), q, k, v)
+    return (out, *vjp(cotangent.astype(out.dtype)))
+
+  lists = [jnp.asarray(x) for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id)]
+  masks = [jnp.asarray(layout.partial_masks)] if traced_masks else []
+  return [np.asarray(x.astype(jnp.float32)) for x in jax.jit(run)(q, k, v, cotangent, *lists, *masks)]
+
+
+def assert_close(got, expected, tol, what):
+  """NumPy comparison of (out, dq, dk, dv) lists: no NaN / inf on either side, max error <= tol * scale."""
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    assert not np.isnan(g).any() and np.isfinite(g).all(), f"{what}: {name} not finite (seed {SEED})"
+    assert not np.isnan(e).any() and np.isfinite(e).all(), f"{what}: expected {name} not finite (seed {SEED})"
+    error = float(np.max(np.abs(g - e), initial=0.0))
+    bound = tol * max(1.0, float(np.max(np.abs(e), initial=0.0)))
+    assert error <= bound, f"{what}: {name} max error {error:.3g} > {bound:.3g} (seed {SEED})"
+
+
+def _mixture_with_blind_rows(seq=40, block_q=8):
+  geo = dict(seq_q=seq, block_q=block_q)
+  blind = layouts.intersection(lb.sliding_window(left=5, **geo), lb.from_predicate(lb.keys_where(lambda k: k >= 13), **geo))
+  block_mask = np.tril(np.ones((5, 5), bool))
+  block_mask[2] = False  # query block 2 visits no block at all
+  return layouts.per_head([blind, layouts.from_block_mask(block_mask, **geo), lb.sliding_window(left=9, **geo),
+                           lb.dense(causal=False, **geo)])
+
+
+TRACED_CASES = {  # name: (layout, heads, kv_heads)
+    "causal": (lb.dense(64, block_q=16), 2, 2),
+    "sliding_window": (lb.sliding_window(72, block_q=8, left=13), 2, 1),
+    "bigbird_per_head": (lb.bigbird(64, block_q=8, left=9, num_global=3, num_random_blocks=2, num_heads=4), 4, 2),
+    "mixture_blind_rows": (_mixture_with_blind_rows(), 4, 4),
+    "padded_rectangular": (lb.sliding_window(seq_q=21, seq_kv=50, block_q=8, block_kv=16, left=3, right=20), 2, 1),
+    "gqa_shared": (lb.strided(45, block_q=8, block_kv=16, stride=6, causal=False), 6, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(TRACED_CASES))
+def test_traced_layout_matches_host_layout_and_reference(case, dtype):
+  layout, heads, kv_heads = TRACED_CASES[case]
+  q, k, v, cotangent = random_inputs(SEED, 2, layout.seq_q, layout.seq_kv, heads, kv_heads, 16, dtype)
+  expected = values_and_grads("reference", *(x.astype(jnp.float32) for x in (q, k, v)), cotangent, layout)
+  host = values_and_grads("xla", q, k, v, cotangent, layout)
+  traced = traced_values_and_grads(q, k, v, cotangent, layout, traced_masks=case != "causal")
+  value_tol, grad_tol = TOL[dtype]
+  # Same math, a different bucket width: host and traced differ by summation order only.
+  assert_close(traced, host, 1e-5 if dtype == jnp.float32 else 1e-2, f"{case}: traced vs host")
+  assert_close(traced, expected, max(value_tol, grad_tol), f"{case}: traced vs reference")
+  if case == "mixture_blind_rows":
+    blind = ~layout.to_token_mask().any(-1)  # [Hl, T]
+    out = traced[0].transpose(0, 2, 1, 3)  # [B, H, T, D]
+    assert blind.any() and (out[:, blind] == 0).all()
+
+
+def test_traced_layout_through_auto_and_reference_backends():
+  layout, heads, kv_heads = TRACED_CASES["bigbird_per_head"]
+  q, k, v, cotangent = random_inputs(SEED, 1, layout.seq_q, layout.seq_kv, heads, kv_heads, 8, jnp.float32)
+  expected = values_and_grads("reference", q, k, v, cotangent, layout)
+  for backend in ("auto", "reference"):  # auto is xla on CPU, pallas on an accelerator
+    got = traced_values_and_grads(q, k, v, cotangent, layout, backend=backend)
+    assert_close(got, expected, TOL[jnp.float32][1], f"backend {backend}")
+  lists = [jnp.asarray(x) for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id, layout.partial_masks)]
+  geometry = (layout.seq_q, layout.seq_kv, layout.block_q, layout.block_kv)
+  mask = jax.jit(lambda *lists: sa.token_mask(routed_layout(geometry, *lists)))(*lists)
+  np.testing.assert_array_equal(np.asarray(mask), layout.to_token_mask())
+
+
+def test_traced_layout_errors_name_the_field():
+  layout, heads, kv_heads = TRACED_CASES["sliding_window"]
+  q, k, v, _ = random_inputs(0, 1, layout.seq_q, layout.seq_kv, heads, kv_heads, 8, jnp.float32)
+  lists = [jnp.asarray(x) for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id, layout.partial_masks)]
+  good = routed_layout((layout.seq_q, layout.seq_kv, layout.block_q, layout.block_kv), *lists)
+  with pytest.raises(ValueError, match="seq_q must be a positive Python int"):
+    jax.jit(lambda seq: sa.attend(q, k, v, types.SimpleNamespace(**{**vars(good), "seq_q": seq})))(layout.seq_q)
+  with pytest.raises(ValueError, match="no field 'kv_mask_id'"):
+    sa.attend(q, k, v, types.SimpleNamespace(**{**vars(good), "kv_mask_id": None}))
+  with pytest.raises(ValueError, match="kv_count"):
+    sa.attend(q, k, v, types.SimpleNamespace(**{**vars(good), "kv_count": lists[1][:, :-1]}))
+  with pytest.raises(ValueError, match="partial_masks"):
+    sa.attend(q, k, v, types.SimpleNamespace(**{**vars(good), "partial_masks": lists[3][:, :4]}))
+
+
+def moba_layout(q, k, *, block: int, top_k: int):
+  """Tiny MoBA-like router (inside jit): per head, each query block attends its causal diagonal block
+  (PARTIAL, a lower-triangular tile) and the `top_k` earlier key blocks whose mean-pooled key best
+  matches the block's mean-pooled query (FULL). q [1, T, H, D], k [1, T, KVH, D]; T % block == 0."""
+  seq, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+  nq = seq // block
+  q_mean = q[0].reshape(nq, block, heads, -1).mean(1)  # [nq, H, D]
+  k_mean = jnp.repeat(k[0].reshape(nq, block, kv_heads, -1).mean(1), heads // kv_heads, axis=1)
+  scores = jnp.einsum("ihd,jhd->hij", q_mean, k_mean)
+  rows, cols = jnp.arange(nq)[:, None], jnp.arange(nq)[None, :]
+  _, picked = jax.lax.top_k(jnp.where(cols < rows, scores, -jnp.inf), top_k)  # [H, nq, top_k]
+  num_past = jnp.minimum(jnp.arange(nq), top_k)  # only blocks before the diagonal are eligible
+  picked = jnp.where(jnp.arange(top_k) < num_past[:, None], picked, nq)  # nq: not picked
+  kv_index = jnp.sort(jnp.concatenate([picked, jnp.broadcast_to(rows, (heads, nq, 1))], -1), -1)
+  kv_count = jnp.broadcast_to(num_past + 1, (heads, nq)).astype(jnp.int32)
+  last = jnp.take_along_axis(kv_index, kv_count[..., None] - 1, -1)  # the diagonal block
+  kv_index = jnp.where(kv_index == nq, last, kv_index).astype(jnp.int32)  # padding repeats the last id
+  kv_mask_id = jnp.where(kv_index == rows[None], 0, -1).astype(jnp.int32)
+  partial_masks = jnp.tril(jnp.ones((1, block, block), bool))
+  return routed_layout((seq, seq, block, block), kv_index, kv_count, kv_mask_id, partial_masks)
+
+
+def test_top_k_routed_layout_matches_reference():
+  block, top_k, heads, kv_heads = 16, 2, 4, 2
+  q, k, v, cotangent = random_inputs(SEED, 1, 128, 128, heads, kv_heads, 16, jnp.float32)
+
+  @jax.jit
+  def routed_attention(q, k, v, cotangent):
+    layout = moba_layout(q, k, block=block, top_k=top_k)
+    out, vjp = jax.vjp(lambda q, k, v: sa.attend(q, k, v, layout, backend="xla"), q, k, v)
+    return (out, *vjp(cotangent)), (layout.kv_index, layout.kv_count)
+
+  got, (kv_index, kv_count) = routed_attention(q, k, v, cotangent)
+  kv_index, kv_count = np.asarray(kv_index), np.asarray(kv_count)
+  # The token mask of the same selection, in NumPy: FULL earlier blocks, causal diagonal block.
+  mask = np.zeros((heads, 128, 128), bool)
+  tril = np.tril(np.ones((block, block), bool))
+  for h, i in np.ndindex(kv_count.shape):
+    for j in kv_index[h, i, :kv_count[h, i]]:
+      assert j <= i
+      mask[h, i * block:(i + 1) * block, j * block:(j + 1) * block] = tril if j == i else True
+  assert not (mask == np.tril(np.ones((128, 128), bool))).all(), "the router must drop some blocks"
+  assert len({kv_index[h, -1, :kv_count[h, -1]].tobytes() for h in range(heads)}) > 1, "heads should differ"
+  expected = values_and_grads("reference", q, k, v, cotangent,
+                              types.SimpleNamespace(to_token_mask=lambda: mask))
+  assert_close([np.asarray(x) for x in got], expected, TOL[jnp.float32][1], "top-k routed")
