@@ -6,8 +6,13 @@ Backends (all compute the same function, tests hold them equal):
   reference  layout -> dense token mask [Hl, T, S] -> masked softmax, all in f32. O(T*S): tests only.
   xla        per query block, gather the listed key/value blocks and attend. Time and memory
              O(T * max_kv * block_kv); no T x S buffer. Flash-style custom VJP (see the xla section).
+             Host layouts run in buckets of similar list length; traced ones at width max_kv.
   pallas     sparseformer.kernels.block_sparse_attention.block_sparse_attention (flash-style).
   auto       pallas on GPU/TPU when the kernel package provides it, else xla.
+
+Layouts: a `BlockLayout`, or any object with its contract fields whose lists are jax arrays built
+inside jit (content-routed attention, e.g. top-k key blocks per query block). reference and xla
+read both through sparse_attention_layout.py, the pallas kernel through its own layout_to_arrays.
 
 Contract (every backend): GQA with query head h reading kv head h // (H // KVH); softmax
 statistics in f32 whatever the input dtype; output in q.dtype; a query row with no visible key
