@@ -1,5 +1,6 @@
 """SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer")."""
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,7 +20,9 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, D] in the compute dtype."""
-    x = x.astype(self.dtype)
-    gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(self.dtype))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    # One token axis M = B * T, as in Attention: XLA CPU transposes activations for a (B, T) weight gradient.
+    tokens = einops.rearrange(x.astype(self.dtype), "B T D -> (B T) D")
+    gate = jnp.einsum("MD,DF->MF", tokens, self.w_gate[...].astype(self.dtype))
+    up = jnp.einsum("MD,DF->MF", tokens, self.w_up[...].astype(self.dtype))
+    out = jnp.einsum("MF,FD->MD", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    return einops.rearrange(out, "(B T) D -> B T D", B=x.shape[0])

@@ -23,10 +23,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float = 10_000.0) -
     [B, T, H, D] in x.dtype; the math runs in f32.
   """
   head_dim = x.shape[-1]
-  positions = jnp.broadcast_to(positions, x.shape[:2]).astype(jnp.float32)
-  angles = positions[:, :, None] * rope_frequencies(head_dim, theta)  # [B, T, D/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  # [T] positions stay [T]: the sin/cos tables are then shared by the batch rather than built per row.
+  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta)  # [(B,) T, D/2]
+  sin = jnp.sin(angles)[..., None, :]
+  cos = jnp.cos(angles)[..., None, :]
   x32 = x.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
