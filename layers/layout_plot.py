@@ -26,14 +26,14 @@ def block_image(layout: BlockLayout, head: int = 0) -> np.ndarray:
 def save_layouts_png(layouts: Sequence[BlockLayout], path: str, *, head: int = 0,
                      max_tokens: int = 2048) -> None:
   """One row per layout: block view, plus the token mask if seq_q, seq_kv <= max_tokens."""
-  import matplotlib  # local import: plotting is optional for users of the layouts
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A pyplot-free Figure: no global backend switch, so inline notebook plots keep working.
+  from matplotlib.figure import Figure  # local import: plotting is optional for layout users
 
   layouts = list(layouts)
   show_tokens = all(max(layout.seq_q, layout.seq_kv) <= max_tokens for layout in layouts)
   cols = 2 if show_tokens else 1
-  fig, axes = plt.subplots(len(layouts), cols, figsize=(4.2 * cols, 4.0 * len(layouts)), squeeze=False)
+  fig = Figure(figsize=(4.2 * cols, 4.0 * len(layouts)))
+  axes = fig.subplots(len(layouts), cols, squeeze=False)
   for row, layout in enumerate(layouts):
     h = min(head, layout.num_heads - 1)
     ax = axes[row, 0]
@@ -51,7 +51,6 @@ def save_layouts_png(layouts: Sequence[BlockLayout], path: str, *, head: int = 0
       ax.set_ylabel("query")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def save_layout_png(layout: BlockLayout, path: str, *, head: int = 0, max_tokens: int = 2048) -> None:

@@ -135,9 +135,16 @@ def test_validate_kind_errors():
 
 
 def test_plot_writes_png(tmp_path):
-  path = tmp_path / "layouts.png"
-  layout_plot.save_layouts_png([ap.build_layout(kind, CONFIG, seq_len=64, num_heads=2)
-                                for kind in ("local", "bigbird")], str(path))
+  import matplotlib
+  original = matplotlib.get_backend()
+  matplotlib.use("svg")  # any non-Agg backend: the plot must not switch it (notebook inline plots)
+  try:
+    path = tmp_path / "layouts.png"
+    layout_plot.save_layouts_png([ap.build_layout(kind, CONFIG, seq_len=64, num_heads=2)
+                                  for kind in ("local", "bigbird")], str(path))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(original)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   big = tmp_path / "big.png"
   layout_plot.save_layout_png(lb.sliding_window(seq_q=8192, block_q=128, left=511), str(big))
