@@ -41,7 +41,9 @@ def _relative_errors(got, expected):
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
     assert not np.isnan(g).any() and not np.isnan(e).any(), f"{name}: NaN"
     assert np.isfinite(g).all(), f"{name}: non-finite values"
-    errors[name] = float(np.max(np.abs(g - e)) / np.max(np.abs(e)))
+    # + 1e-6: an all-zero expected gradient (e.g. dq at T = 1) must give error ~0, not 0 / 0.
+    errors[name] = float(np.max(np.abs(g - e)) / (np.max(np.abs(e)) + 1e-6))
+  assert np.isfinite(list(errors.values())).all(), errors
   return errors
 
 
