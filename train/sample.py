@@ -1,5 +1,7 @@
 """Plain autoregressive sampling (no KV cache yet: every token re-runs the window it sees)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,17 +10,9 @@ from flax import nnx
 from sparseformer.train import tokenizer
 
 
-def sample_tokens(model: nnx.Module, prompt_ids: np.ndarray, *, num_tokens: int, window: int,
-                  temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> np.ndarray:
-  """Extends `prompt_ids` by `num_tokens` sampled ids.
-
-  The model sees at most the last `window` tokens, left-aligned in a fixed [1, window] buffer so that one
-  compiled step serves every length. temperature == 0 is greedy; top_k == 0 samples from the full vocabulary.
-  """
-  if temperature < 0 or top_k < 0:
-    raise ValueError(f"temperature ({temperature}) and top_k ({top_k}) must be >= 0.")
-  model.eval()  # deterministic: no router jitter
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=8)
+def _next_token_fn(graphdef, temperature: float, top_k: int):
+  """The jitted one-token step, cached per (model structure, settings): repeated samples do not recompile."""
 
   @jax.jit
   def next_token(state, buffer, length, key):
@@ -32,6 +26,21 @@ def sample_tokens(model: nnx.Module, prompt_ids: np.ndarray, *, num_tokens: int,
       logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     return jax.random.categorical(key, logits)
 
+  return next_token
+
+
+def sample_tokens(model: nnx.Module, prompt_ids: np.ndarray, *, num_tokens: int, window: int,
+                  temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> np.ndarray:
+  """Extends `prompt_ids` by `num_tokens` sampled ids.
+
+  The model sees at most the last `window` tokens, left-aligned in a fixed [1, window] buffer so that one
+  compiled step serves every length. temperature == 0 is greedy; top_k == 0 samples from the full vocabulary.
+  """
+  if temperature < 0 or top_k < 0:
+    raise ValueError(f"temperature ({temperature}) and top_k ({top_k}) must be >= 0.")
+  model.eval()  # deterministic: no router jitter
+  graphdef, state = nnx.split(model)
+  next_token = _next_token_fn(graphdef, float(temperature), int(top_k))
   ids = list(np.asarray(prompt_ids, np.int32)) or [tokenizer.EOS_ID]  # an empty prompt starts a new document
   key = jax.random.key(seed)
   for _ in range(num_tokens):
