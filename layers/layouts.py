@@ -24,8 +24,28 @@ FULL = -1  # every (q, k) token pair of the block allowed; >= 0: index into part
 _INT_FIELDS = ("kv_index", "kv_count", "kv_mask_id", "q_index", "q_count", "q_mask_id")
 
 
+class BlockGrid:
+  """Block counts and padded lengths of anything with seq_q, seq_kv, block_q, block_kv."""
+
+  @property
+  def num_q_blocks(self) -> int:
+    return math.ceil(self.seq_q / self.block_q)
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return math.ceil(self.seq_kv / self.block_kv)
+
+  @property
+  def padded_seq_q(self) -> int:
+    return self.num_q_blocks * self.block_q
+
+  @property
+  def padded_seq_kv(self) -> int:
+    return self.num_kv_blocks * self.block_kv
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, usable as a jit static
-class BlockLayout:
+class BlockLayout(BlockGrid):
   """Block-sparse attention mask as per-query-block lists of key blocks.
 
   Sizes: `num_q_blocks = ceil(seq_q / block_q)`, `num_kv_blocks = ceil(seq_kv / block_kv)`;
@@ -90,13 +110,6 @@ class BlockLayout:
     """Hl: 1 when shared by all heads, else the number of attention heads."""
     return self.kv_count.shape[0]
 
-  @property
-  def num_q_blocks(self) -> int:
-    return math.ceil(self.seq_q / self.block_q)
-
-  @property
-  def num_kv_blocks(self) -> int:
-    return math.ceil(self.seq_kv / self.block_kv)
 
   @property
   def max_kv(self) -> int:
@@ -105,14 +118,6 @@ class BlockLayout:
   @property
   def max_q(self) -> int:
     return self.q_index.shape[-1]
-
-  @property
-  def padded_seq_q(self) -> int:
-    return self.num_q_blocks * self.block_q
-
-  @property
-  def padded_seq_kv(self) -> int:
-    return self.num_kv_blocks * self.block_kv
 
   def __repr__(self) -> str:
     return (f"BlockLayout({self.name!r}, seq={self.seq_q}x{self.seq_kv}, block={self.block_q}x{self.block_kv}, "

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers.layouts import FULL
+from sparseformer.layers.layouts import FULL, BlockGrid
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
+class Geometry(BlockGrid):
   """Static facts of a layout: plain ints read from its fields and array shapes, never from values,
   so they are known at trace time even when the lists are traced (content-routed layouts)."""
 
@@ -29,22 +29,6 @@ class Geometry:
   num_heads: int  # Hl: 1 (shared by all heads) or the number of attention heads
   max_kv: int
   num_partial: int  # P: tiles in partial_masks
-
-  @property
-  def num_q_blocks(self) -> int:
-    return -(-self.seq_q // self.block_q)
-
-  @property
-  def num_kv_blocks(self) -> int:
-    return -(-self.seq_kv // self.block_kv)
-
-  @property
-  def padded_seq_q(self) -> int:
-    return self.num_q_blocks * self.block_q
-
-  @property
-  def padded_seq_kv(self) -> int:
-    return self.num_kv_blocks * self.block_kv
 
 
 LIST_FIELDS = ("kv_index", "kv_count", "kv_mask_id")
