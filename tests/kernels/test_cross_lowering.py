@@ -72,9 +72,15 @@ def test_benchmark_correctness_case_lowers_for_cuda():
   assert _kernel_calls(text, "cuda") == 3
 
 
-@pytest.mark.parametrize("sizes", bench.SWEEP_FWD + bench.SWEEP_BWD, ids=lambda s: str(
+# Every tile candidate of the sweep (attention_gpu.py) and the tuner (attention_gpu_tune.py), once.
+CANDIDATES = list(dict.fromkeys(bench.SWEEP_FWD + bench.SWEEP_BWD + tuple(tune.all_candidates())))
+assert CFG.sweep_seq == tune.TUNE_SEQ  # both time at the same length, lowered once here
+
+
+@pytest.mark.parametrize("sizes", CANDIDATES, ids=lambda s: str(
     {k: v for k, v in s.__dict__.items() if v is not None}).replace(" ", ""))
-def test_sweep_candidates_lower_for_cuda(sizes):
+def test_tile_candidates_lower_for_cuda(sizes):
+  """fwd+bwd lowers with every kernel: forward, dQ (unless fused) and dK/dV."""
   seq = CFG.sweep_seq
   fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout("causal", seq), sizes))
   text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
@@ -169,17 +175,6 @@ def test_benchmark_smoke_run(tmp_path, request):
   text = (tmp_path / "attention_gpu.md").read_text()
   assert text.count("| yes |") == len(bench.SMOKE.layout_names) + 1  # every check passed
   assert "`{'block_q': 16, 'separate_partial': False}`" in text
-
-
-@pytest.mark.parametrize("sizes", tune.all_candidates(), ids=lambda s: str(
-    {k: v for k, v in s.__dict__.items() if v is not None}).replace(" ", ""))
-def test_tune_candidates_lower_for_cuda(sizes):
-  """Every tile candidate of benchmarks/attention_gpu_tune.py lowers (fwd+bwd: all kernels)."""
-  seq = tune.TUNE_SEQ
-  fn = bench.fwd_bwd_fn(bench.kernel_fn(CFG, _layout("causal", seq), sizes))
-  text = lower(fn, shapes(seq, bench.batch_for(CFG, seq), CFG.heads, CFG.heads, CFG.head_dim,
-                          CFG.dtype), "cuda")
-  assert _kernel_calls(text, "cuda") == (2 if sizes.fused_dq else 3)
 
 
 def test_tuner_winner_round_trips_into_the_benchmark(tmp_path):
