@@ -53,7 +53,7 @@ def _assert_blocked_matches_reference(seed, batch, seq, heads, kv_heads, head_di
   expected = _values_and_grads(f32(q), f32(k), f32(v), cotangent)
   got = _values_and_grads(q, k, v, cotangent, block_size=block_size)
   errors = _relative_errors(got, expected)
-  assert max(errors.values()) < TOL[dtype], (errors, dict(seq=seq, block_size=block_size, kv_heads=kv_heads))
+  assert max(errors.values()) < TOL[dtype], (errors, dict(seed=seed, seq=seq, block_size=block_size, kv_heads=kv_heads))
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
