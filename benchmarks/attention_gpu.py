@@ -89,24 +89,22 @@ SMOKE = dataclasses.replace(FULL, layout_block=32, heads=2, head_dim=32, dtype=j
 # Tile sweep: forward candidates (timed forward only) and backward candidates (timed fwd+bwd).
 SWEEP_FWD = (
     BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3),  # the default (16-bit)
-    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2,
-               separate_partial=False),  # the previous default (one branching loop)
-    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3, separate_partial=False),
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),
+    BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=3,
+               separate_partial=True),  # FULL-first split loops
     BlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=4),
     BlockSizes(block_q=64, block_kv=128, num_warps=4, num_stages=3),
 )
-# Backward: the split default, the fused dK/dV+dQ kernel (atomic dQ) at FlashAttention-2-like
-# tiles, then split variants with tall dQ / wide dK/dV tiles (Triton-tutorial shapes).
+# Backward: the default (split loops), the same tiles with one branching loop, the fused
+# dK/dV+dQ kernel (atomic dQ), then split variants with tall dQ / wide dK/dV tiles.
 SWEEP_BWD = (
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                num_warps_bwd=4),  # default
     BlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
-               num_warps_bwd=4, separate_partial=False),  # default tiles, one branching loop
+               num_warps_bwd=4, separate_partial_bwd=False),  # default tiles, one branching loop
     BlockSizes(block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
-    BlockSizes(block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=8, fused_dq=True),
-    BlockSizes(block_q_dkv=64, block_kv_dkv=64, num_warps_bwd=4, fused_dq=True),
     BlockSizes(block_q_dq=128, block_kv_dq=32, num_warps_dq=8, num_stages_dq=3),
-    BlockSizes(block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=3),
+    BlockSizes(block_q_dkv=64, block_kv_dkv=128, num_warps_bwd=8),
 )
 MHA_BLOCKS = dict(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
                   block_kv_dq=64)

@@ -10,10 +10,10 @@ dK/dV kernel that also accumulates dQ with atomic adds) for every candidate of `
 and `FUSED` at T = 16K, dense causal layout (batch = 32K / T, H = 16, D = 128, bf16), picks the
 fastest of each, then times whole forward+backward programs at T = 32K (dense causal and local
 2K) for the old defaults, the best split backward and the best fused backward, beside
-cuDNN dense causal in the same process. The first two candidates of each kernel are the A/B of
-the FULL-first split loops (`BlockSizes.separate_partial`: False = one loop branching per block);
-the combos share one such flag, False if any kernel's winner had it False; and checks the winners against `reference` at T = 4K
-(causal, and local 1K with GQA).
+cuDNN dense causal in the same process, and checks the winners against `reference` at T = 4K
+(causal, and local 1K with GQA). The first two candidates of each kernel are the A/B of the
+FULL-first split loops (`BlockSizes.separate_partial` for the forward, `separate_partial_bwd`
+for dQ and dK/dV, one flag for both: False in the combo if either winner had it False).
 The CPU tests lower every candidate here for ("cuda",) (tests/kernels/test_cross_lowering.py).
 """
 
@@ -42,40 +42,42 @@ CFG = bench.FULL
 TUNE_SEQ = 16384
 FINAL_CASES = ((32768, ("causal", "local_2k")),)  # (T, layouts) of totals
 TUNE_SHARE = 0.6  # of --budget-s for the per-kernel candidates; the totals get the rest
-# (tq, tk, warps, stages[, separate_partial]) per kernel; the first entry of each is the previous
-# default (one loop branching on each block's kind: separate_partial=False); the second is the same
-# tiles with the FULL-first split loops, the A/B of that change.
-FWD = [(128, 128, 8, 2, False), (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4)]
-DQ = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+# (tq, tk, warps, stages[, split loops]) per kernel; the 5th element sets `separate_partial` of
+# the forward or `separate_partial_bwd` of dQ / dK/dV (omitted: the default, forward one
+# branching loop, backward FULL-first split loops). The first two entries of each kernel are the
+# A/B of the split loops at the default tiles.
+FWD = [(128, 128, 8, 3), (128, 128, 8, 3, True), (128, 128, 8, 2), (128, 128, 8, 2, True),
+       (128, 128, 8, 4)]
+DQ = [(64, 64, 4, 2), (64, 64, 4, 2, False), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
       (128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5)]
-DKV = [(64, 64, 4, 2, False), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2),
+DKV = [(64, 64, 4, 2), (64, 64, 4, 2, False), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2),
        (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 5)]
 # (128, 32, 4, 5) / (32, 128, 4, 5): the Triton tutorial's Hopper backward (BLOCK_M2/N2, M1/N1).
-FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
-         (64, 128, 8, 3)]
+FUSED = [(64, 64, 4, 2), (64, 128, 8, 2)]
+# The defaults before the split loops (one branching loop everywhere, forward 2 stages).
 OLD_DEFAULTS = BlockSizes(num_stages=2, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
                           block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=2, fused_dq=False,
-                          separate_partial=False)
+                          separate_partial=False, separate_partial_bwd=False)
 
 
-def _separate(c) -> bool | None:
-  """The candidate's loop structure: None (the default, split loops) unless it says False."""
-  return None if len(c) < 5 or c[4] else False
+def _split(c) -> bool | None:
+  """The candidate's loop structure: its 5th element, None (the default) when absent."""
+  return c[4] if len(c) > 4 else None
 
 
 def fwd_sizes(c) -> BlockSizes:
   return BlockSizes(block_q=c[0], block_kv=c[1], num_warps=c[2], num_stages=c[3],
-                    separate_partial=_separate(c))
+                    separate_partial=_split(c))
 
 
 def dq_sizes(c) -> BlockSizes:
   return BlockSizes(block_q_dq=c[0], block_kv_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3],
-                    separate_partial=_separate(c))
+                    separate_partial_bwd=_split(c))
 
 
 def dkv_sizes(c, fused: bool) -> BlockSizes:
   return BlockSizes(block_q_dkv=c[0], block_kv_dkv=c[1], num_warps_bwd=c[2], num_stages_bwd=c[3],
-                    fused_dq=fused, separate_partial=_separate(c))
+                    fused_dq=fused, separate_partial_bwd=_split(c))
 
 
 def merge(*sizes: BlockSizes) -> BlockSizes:
@@ -125,8 +127,9 @@ def tune(budget: bench.Budget, report: dict) -> dict:
   plan = (fwd_plan[:3] + dq_plan[:2] + dkv_plan[:2] + fused_plan + dkv_plan[2:] + dq_plan[2:]
           + fwd_plan[3:])
   for kind, c, sizes, which, args, matmuls in plan:
+    split = _split(c) if _split(c) is not None else kind != "fwd"  # the defaults
     record = dict(kind=kind, seq=seq, tq=c[0], tk=c[1], warps=c[2], stages=c[3],
-                  separate_partial=_separate(c) is None)
+                  separate_partial=split)
     if not budget.left():
       record["skipped"] = "time budget"
       report["kernels"].append(record)
@@ -153,6 +156,8 @@ def finals(budget: bench.Budget, best: dict, report: dict) -> dict[str, BlockSiz
   combos = {"old_defaults": OLD_DEFAULTS}
   if "dq" in best and "dkv" in best:
     combos["best_split"] = merge(fwd_best, dq_sizes(best["dq"]), dkv_sizes(best["dkv"], False))
+    if False in (_split(best["dq"]), _split(best["dkv"])):  # one flag for both backward kernels
+      combos["best_split"] = dataclasses.replace(combos["best_split"], separate_partial_bwd=False)
   if "fused" in best:
     combos["best_fused"] = merge(fwd_best, dkv_sizes(best["fused"], True))
   report["combos"] = {name: {k: v for k, v in dataclasses.asdict(s).items() if v is not None}

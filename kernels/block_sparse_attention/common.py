@@ -67,8 +67,11 @@ class BlockSizes:
   # then unused).
   fused_dq: bool | None = None
   # GPU: visit each row's FULL blocks in a loop with no mask code, then its PARTIAL blocks in a
-  # masked loop (None: True); False: one loop that branches on every block's kind.
+  # masked loop; False: one loop that branches on every block's kind. Forward (None: False) and
+  # backward (dQ and dK/dV kernels; None: True) apart: on an H200 the split loops made the dQ and
+  # dK/dV kernels 14 % faster and the forward 12 % slower (docs/benchmarks.md, issue 4).
   separate_partial: bool | None = None
+  separate_partial_bwd: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,8 @@ class Tiles:
   num_warps_dq: int
   num_stages_dq: int
   fused_dq: bool
-  separate_partial: bool
+  separate_partial: bool  # forward
+  separate_partial_bwd: bool  # dQ and dK/dV
 
 
 def div(x, n: int):
@@ -169,7 +173,8 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
                dkv_kv=values["block_kv_dkv"], num_warps=num_warps, num_stages=num_stages,
                num_warps_bwd=num_warps_bwd, num_stages_bwd=sizes.num_stages_bwd,
                num_warps_dq=num_warps_dq, num_stages_dq=num_stages_dq, fused_dq=fused_dq,
-               separate_partial=sizes.separate_partial is not False)
+               separate_partial=bool(sizes.separate_partial),
+               separate_partial_bwd=sizes.separate_partial_bwd is not False)
 
 
 # ----------------------------------------------------------------------------------------------

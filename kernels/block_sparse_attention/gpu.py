@@ -160,7 +160,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, kv_full_ref, kv_mask_id_ref, masks_re
     return common.dq_step(dq, s, lse2, delta, do, k, v_ref[pl.ds(start, tk), :])
 
   dq = _visit_blocks(kv_full_ref[hl, q_block] * kv_sub, kv_count_ref[hl, q_block] * kv_sub,
-                     body, jnp.zeros(q.shape, jnp.float32), tiles.separate_partial)
+                     body, jnp.zeros(q.shape, jnp.float32), tiles.separate_partial_bwd)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -204,7 +204,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_full_ref, q_mask_id_ref, masks_t_ref
       return carry
 
     return _visit_blocks(q_full_ref[hl, kv_block] * q_sub, q_count_ref[hl, kv_block] * q_sub,
-                         body, carry, tiles.separate_partial)
+                         body, carry, tiles.separate_partial_bwd)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   if group == 1:

@@ -131,9 +131,11 @@ CASES = {
     # dQ summed by atomic adds inside the dK/dV kernel: GQA group loop, sub-tiles, masked rows.
     "fused_dq_gqa_subtiles_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
         platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, block_q_dkv=32, fused_dq=True))),
-    # One loop branching on each block's kind instead of the FULL-first split loops.
-    "branching_loop_mixture_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
-        platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, separate_partial=False))),
+    # The non-default loop structures: forward in FULL-first split loops, backward in one loop
+    # branching on each block's kind.
+    "swapped_loops_mixture_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
+        platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, separate_partial=True,
+                                                        separate_partial_bwd=False))),
     "tpu_causal_gqa_d128": (lambda: lb.dense(256, block_q=64, causal=True),
                             dict(platform="tpu", dim=128)),
     "tpu_mixture_masked_rows_bf16": (lambda: _fully_masked_layout(160, 32),

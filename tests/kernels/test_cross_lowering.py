@@ -181,7 +181,7 @@ def test_tuner_winner_round_trips_into_the_benchmark(tmp_path):
   """The tuner's best_block_sizes.json (fastest causal total) loads back as the same BlockSizes."""
   combos = {"old_defaults": tune.OLD_DEFAULTS,
             "best_fused": BlockSizes(block_q_dkv=32, block_kv_dkv=128, fused_dq=True),
-            "best_split": BlockSizes(block_q_dq=128, block_kv_dq=32, separate_partial=False)}
+            "best_split": BlockSizes(block_q_dq=128, block_kv_dq=32, separate_partial_bwd=False)}
   seq = max(s for s, _ in tune.FINAL_CASES)
   report = {"totals": [
       dict(impl="cudnn", layout="dense_causal", seq=seq, fwd_bwd_ms=1.0),
