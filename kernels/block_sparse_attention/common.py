@@ -18,6 +18,7 @@ serve both orientations on both platforms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -110,12 +111,49 @@ def _is_pow2(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 
 
+# Largest dynamic shared memory of one thread block, bytes, by CUDA compute capability.
+_SHARED_MEMORY_BYTES = {"7.0": 98304, "7.5": 65536, "8.0": 166912, "8.6": 101376, "8.7": 166912,
+                        "8.9": 101376, "9.0": 232448, "10.0": 232448, "12.0": 101376}
+
+
+def gpu_shared_memory_bytes() -> int:
+  """Per-block shared memory of the first GPU; an H100's when none is attached (lowering on CPU)
+  and 99 KiB for an unlisted compute capability."""
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError:
+    return _SHARED_MEMORY_BYTES["9.0"]
+  return _SHARED_MEMORY_BYTES.get(getattr(device, "compute_capability", None), 101376)
+
+
+def _fit_pipeline(tile: int, tile_is_default: bool, stages: int, stages_is_default: bool,
+                  head_dim: int, itemsize: int, budget: int) -> tuple[int, int]:
+  """(tile, stages) of a kernel's streamed pair of tiles (K and V, or Q and dO) whose Triton
+  pipeline buffers, stages x 2 x tile x head_dim x itemsize bytes, fit `budget`: drops default
+  stages to 2, then halves a default tile (down to 16). Explicit values are kept as given.
+
+  The formula is the request Triton made on an H100 for f32, D = 128, 128-row K/V tiles,
+  2 stages: 262,148 > 232,448 bytes (docs/benchmarks.md, issue 4).
+  """
+  while stages * 2 * tile * head_dim * itemsize > budget:
+    if stages_is_default and stages > 2:
+      stages -= 1
+    elif tile_is_default and tile > 16:
+      tile //= 2
+    else:
+      break
+  return tile, stages
+
+
 def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block_kv: int,
-                  head_dim: int, platform: str, interpret: bool, itemsize: int = 2) -> Tiles:
+                  head_dim: int, platform: str, interpret: bool, itemsize: int = 2,
+                  shared_memory_bytes: int | None = None) -> Tiles:
   """Fills defaults and checks tile constraints; raises ValueError naming the field and the fix.
 
-  `itemsize` (bytes per input element) picks the GPU forward pipelining depth: three stages of
-  128x128 K/V tiles fit shared memory in 16-bit, not in f32.
+  `itemsize` (bytes per input element) picks the GPU forward pipelining depth (three stages in
+  16-bit, two in f32); compiled GPU defaults then shrink until each kernel's K/V (or Q/dO)
+  pipeline fits `shared_memory_bytes` (None: `gpu_shared_memory_bytes()`), e.g. f32 with
+  D = 128 gets 64-row forward K/V tiles.
   """
   sizes = sizes or BlockSizes()
   if platform == "tpu":
@@ -160,6 +198,15 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
   if num_stages is None:
     num_stages = 3 if itemsize <= 2 else 2
   num_stages_dq = sizes.num_stages_dq if sizes.num_stages_dq is not None else sizes.num_stages_bwd
+  if platform == "gpu" and not interpret:
+    budget = gpu_shared_memory_bytes() if shared_memory_bytes is None else shared_memory_bytes
+    fit = functools.partial(_fit_pipeline, head_dim=head_dim, itemsize=itemsize, budget=budget)
+    values["block_kv"], num_stages = fit(values["block_kv"], sizes.block_kv is None, num_stages,
+                                         sizes.num_stages is None)
+    values["block_kv_dq"], num_stages_dq = fit(values["block_kv_dq"], sizes.block_kv_dq is None,
+                                               num_stages_dq, sizes.num_stages_dq is None)
+    values["block_q_dkv"], _ = fit(values["block_q_dkv"], sizes.block_q_dkv is None,
+                                   sizes.num_stages_bwd, False)
   for field, value in (("num_stages", num_stages), ("num_stages_bwd", sizes.num_stages_bwd),
                        ("num_stages_dq", num_stages_dq)):
     if value < 1:

@@ -250,6 +250,38 @@ def test_public_entry_point_and_attend_backend():
   np.testing.assert_allclose(out, want, atol=2e-5)
 
 
+H100_SHARED_MEMORY, A100_SHARED_MEMORY = 232448, 166912
+
+
+@pytest.mark.parametrize("itemsize, budget, sizes, want", [
+    # bf16, D = 128: the measured defaults fit an H100 (3 x 2 x 128 x 128 x 2 B = 192 KiB).
+    (2, H100_SHARED_MEMORY, None, dict(fwd_kv=128, num_stages=3, dq_kv=64, dkv_q=64)),
+    # An A100 drops the forward to 2 stages rather than shrinking the tiles.
+    (2, A100_SHARED_MEMORY, None, dict(fwd_kv=128, num_stages=2, dq_kv=64, dkv_q=64)),
+    # f32, D = 128: 2 x 2 x 128 x 128 x 4 B = 256 KiB > 227 KiB, the H100 compile failure.
+    (4, H100_SHARED_MEMORY, None, dict(fwd_kv=64, num_stages=2, dq_kv=64, dkv_q=64)),
+    (4, 101376, None, dict(fwd_kv=32, num_stages=2, dq_kv=32, dkv_q=32)),  # sm86 / sm89
+    # Explicit values are the user's call, even when they do not fit.
+    (4, H100_SHARED_MEMORY, BlockSizes(block_kv=128), dict(fwd_kv=128, num_stages=2)),
+    (2, A100_SHARED_MEMORY, BlockSizes(num_stages=3), dict(fwd_kv=64, num_stages=3)),
+])
+def test_gpu_defaults_fit_shared_memory(itemsize, budget, sizes, want):
+  tiles = common.resolve_tiles(sizes, layout_block_q=128, layout_block_kv=128, head_dim=128,
+                               platform="gpu", interpret=False, itemsize=itemsize,
+                               shared_memory_bytes=budget)
+  assert {name: getattr(tiles, name) for name in want} == want
+  for tile, stages in ((tiles.fwd_kv, tiles.num_stages), (tiles.dq_kv, tiles.num_stages_dq),
+                       (tiles.dkv_q, tiles.num_stages_bwd)):
+    assert stages * 2 * tile * 128 * itemsize <= budget or sizes is not None
+
+
+def test_interpret_mode_keeps_gpu_defaults():
+  tiles = common.resolve_tiles(None, layout_block_q=128, layout_block_kv=128, head_dim=128,
+                               platform="gpu", interpret=True, itemsize=4,
+                               shared_memory_bytes=1024)
+  assert (tiles.fwd_q, tiles.fwd_kv, tiles.dq_kv, tiles.dkv_q) == (128, 128, 64, 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration errors
 # ---------------------------------------------------------------------------------------------
