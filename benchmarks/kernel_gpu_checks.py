@@ -2,7 +2,7 @@
 """The Pallas kernels compiled on a real GPU against `reference` on the edge cases of the CPU tests.
 
     python benchmarks/kernel_gpu_checks.py            # one GPU, ~1-2 min; exit code 1 on any failure
-    python benchmarks/kernel_gpu_checks.py --interpret  # the same plumbing on CPU (interpret mode)
+    python benchmarks/kernel_gpu_checks.py --interpret  # the same plumbing on CPU (interpret mode, ~1 min)
 
 The CPU suite runs these cases in interpret mode only; `attention_gpu.py` checks the compiled
 kernel on its four benchmark layouts at T = 4K. This script compiles what those miss: rows with
@@ -124,12 +124,14 @@ def traced_case(dtype):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--interpret", action="store_true", help="CPU plumbing run (not a check)")
+  parser.add_argument("--only", default="", help="run the cases whose name contains this")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   runs = [(name, dtype, lambda c=case, d=dtype: kernel_case(*c, d, args.interpret))
           for name, case in CASES.items() for dtype in (jnp.bfloat16, jnp.float32)]
   runs += [("traced_layout_attend", dtype, lambda d=dtype: traced_case(d))
            for dtype in (jnp.bfloat16, jnp.float32)]
+  runs = [r for r in runs if args.only in r[0]]
   failures = 0
   for name, dtype, run in runs:
     dtype_name = jnp.dtype(dtype).name

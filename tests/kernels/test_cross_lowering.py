@@ -25,6 +25,7 @@ import pytest
 
 from sparseformer.benchmarks import attention_gpu as bench
 from sparseformer.benchmarks import attention_gpu_tune as tune
+from sparseformer.benchmarks import kernel_gpu_checks
 from sparseformer.kernels.block_sparse_attention import BlockSizes, block_sparse_attention
 from sparseformer.layers import layout_builders as lb
 from sparseformer.layers import layouts
@@ -219,3 +220,13 @@ def test_tuner_plumbing_runs_in_interpret_mode(tmp_path, monkeypatch):
   assert all(r["ok"] for r in report["correctness"]) and len(report["correctness"]) == 4
   winner = bench.load_block_sizes(str(tmp_path / "best_block_sizes.json"))
   assert winner.fused_dq and winner.block_q_dkv == 16
+
+
+def test_kernel_gpu_checks_plumbing_and_failure_exit(monkeypatch, capsys):
+  """kernel_gpu_checks.py in interpret mode on two of its cases: passes, and exits 1 when a case is
+  outside tolerance (so a GPU run cannot report a failure as success)."""
+  assert kernel_gpu_checks.main(["--interpret", "--only", "masked_rows_mixture"]) == 0
+  assert kernel_gpu_checks.main(["--interpret", "--only", "traced_layout"]) == 0
+  assert "2/2 cases within tolerance" in capsys.readouterr().out
+  monkeypatch.setattr(kernel_gpu_checks, "TOL", {"float32": 0.0, "bfloat16": 0.0})
+  assert kernel_gpu_checks.main(["--interpret", "--only", "masked_rows_mixture"]) == 1
