@@ -117,13 +117,16 @@ _SHARED_MEMORY_BYTES = {"7.0": 98304, "7.5": 65536, "8.0": 166912, "8.6": 101376
 
 
 def gpu_shared_memory_bytes() -> int:
-  """Per-block shared memory of the first GPU; an H100's when none is attached (lowering on CPU)
-  and 99 KiB for an unlisted compute capability."""
+  """Per-block shared memory of the first GPU; an H100's when none is attached (lowering on CPU),
+  the listed value of the same major version for an unlisted minor one ("10.3" -> "10.0"), else
+  99 KiB."""
   try:
     device = jax.devices("gpu")[0]
   except RuntimeError:
     return _SHARED_MEMORY_BYTES["9.0"]
-  return _SHARED_MEMORY_BYTES.get(getattr(device, "compute_capability", None), 101376)
+  capability = str(getattr(device, "compute_capability", ""))
+  return _SHARED_MEMORY_BYTES.get(
+      capability, _SHARED_MEMORY_BYTES.get(capability.split(".")[0] + ".0", 101376))
 
 
 def _fit_pipeline(tile: int, tile_is_default: bool, stages: int, stages_is_default: bool,

@@ -318,3 +318,17 @@ def test_layout_without_contract_field_raises():
   with pytest.raises(ValueError, match="kv_mask_id"):
     api.block_sparse_attention(jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)),
                                jnp.zeros((1, 64, 2, 16)), broken)
+
+
+@pytest.mark.parametrize("capability, want", [("9.0", 232448), ("10.3", 232448), ("8.6", 101376),
+                                              ("8.0", 166912), ("13.7", 101376), ("", 101376)])
+def test_gpu_shared_memory_by_compute_capability(monkeypatch, capability, want):
+  device = types.SimpleNamespace(compute_capability=capability)
+  monkeypatch.setattr(common.jax, "devices", lambda backend=None: [device])
+  assert common.gpu_shared_memory_bytes() == want
+
+
+def test_gpu_shared_memory_without_a_gpu_is_an_h100s():
+  if jax.default_backend() != "cpu":
+    pytest.skip("a GPU (or TPU) is attached")
+  assert common.gpu_shared_memory_bytes() == 232448
