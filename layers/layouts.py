@@ -110,7 +110,6 @@ class BlockLayout(BlockGrid):
     """Hl: 1 when shared by all heads, else the number of attention heads."""
     return self.kv_count.shape[0]
 
-
   @property
   def max_kv(self) -> int:
     return self.kv_index.shape[-1]
