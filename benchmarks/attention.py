@@ -52,8 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparseformer.layers import layout_builders as lb  # noqa: E402
-from sparseformer.layers import sparse_attention as sa  # noqa: E402
+from sparseformer.layers.attention import backends as sa, builders as lb, plot as layout_plot  # noqa: E402
 
 HEADS, DIM, BLOCK = 8, 64, 128
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks")
@@ -294,7 +293,6 @@ def report(paths: list[str], docs: str = DOCS) -> None:
     json.dump(dict(machines=[r["machine"] for r in runs], commands=[r["command"] for r in runs], rows=rows,
                    ablation=[row for r in ablation_runs for row in r["ablation"]]), f, indent=1)
   _plot(rows, os.path.join(docs, "attention.png"))
-  from sparseformer.layers import layout_plot  # pylint: disable=import-outside-toplevel
   layout_plot.save_layouts_png([make_layout(p, 2048) for p in ("local", "bigbird", "strided")],
                                os.path.join(docs, "attention_layouts.png"))
   loads = ", ".join(f"{r['machine']['load_average'][0]:.1f}" for r in runs)

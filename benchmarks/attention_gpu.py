@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 
 from sparseformer.kernels.block_sparse_attention import BlockSizes  # noqa: E402
 from sparseformer.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
-from sparseformer.layers import layout_builders as lb  # noqa: E402
+from sparseformer.layers.attention import builders as lb  # noqa: E402
+from sparseformer.layers.attention.backends import reference_attention  # noqa: E402
 
 # ------------------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,6 @@ def _error(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------ 1. correctness
 def check_correctness(cfg: Settings, results: list, block_sizes: BlockSizes | None = None) -> None:
-  from sparseformer.layers.sparse_attention import reference_attention
   cases = [(name, cfg.heads) for name in cfg.layout_names]
   cases.append(("local_1k", cfg.check_gqa_kv_heads))
   for name, kv_heads in cases:

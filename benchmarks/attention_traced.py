@@ -16,8 +16,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers import sparse_attention as sa
+from sparseformer.layers.attention import backends as sa, builders as lb
 
 SEQ, HEADS, DIM, BLOCK = 4096, 8, 64, 128
 LAYOUTS = {

@@ -5,7 +5,7 @@
 Times jitted forward + backward (`jax.vjp` with a random cotangent, outputs kept, so nothing is dead code) at
 the `small` preset's shapes (batch 8, seq 512, 8 heads of 64, width 512, SwiGLU hidden 1408, f32) of:
 dense causal attention alone, as the reference `jax.nn.dot_product_attention` (XLA), as our CPU path
-`attention.blocked_causal_attention`, and as the block-sparse `xla` backend on the dense causal layout; one of
+`dense.blocked_causal_attention`, and as the block-sparse `xla` backend on the dense causal layout; one of
 the model's matmuls, [4096 x 512] @ [512 x 1408]; and one decoder `Block` with its attention, SwiGLU and
 RMSNorm modules. Rounds are interleaved (the machine is shared); prints medians of 7 and, where the work is
 known, the achieved GFLOP/s (attention counts the causal half, as models/flops.py does).
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparseformer.layers import attention, attention_patterns, sparse_attention
-from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.layers.attention import backends as sparse_attention, dense, kinds as attention_patterns
+from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.models import presets
 from sparseformer.models.decoder import Block
 
@@ -63,7 +63,7 @@ def main() -> None:
           _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (q, k, v), d_out,
           attention_flops),
       "causal attention, blocked_causal_attention (ours on CPU)": (
-          _fwd_bwd(attention.blocked_causal_attention), (q, k, v), d_out, attention_flops),
+          _fwd_bwd(dense.blocked_causal_attention), (q, k, v), d_out, attention_flops),
       "causal attention, block-sparse xla backend, blocks of 128": (
           _fwd_bwd(lambda q, k, v: sparse_attention.attend(q, k, v, layout, backend="xla")), (q, k, v), d_out,
           attention_flops),

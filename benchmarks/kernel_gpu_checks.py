@@ -28,10 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparseformer.kernels.block_sparse_attention import BlockSizes  # noqa: E402
-from sparseformer.layers import layout_builders as lb  # noqa: E402
-from sparseformer.layers import layouts  # noqa: E402
-from sparseformer.layers import sparse_attention as sa  # noqa: E402
+from sparseformer.kernels.block_sparse_attention import BlockSizes, block_sparse_attention  # noqa: E402
+from sparseformer.layers.attention import backends as sa, builders as lb, layouts  # noqa: E402
 
 SUB_TILES = BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
                        block_kv_dkv=16)
@@ -94,7 +92,6 @@ def _worst(got, want) -> dict[str, float]:
 
 
 def kernel_case(layout, heads, kv_heads, dim, sizes, dtype, interpret):
-  from sparseformer.kernels.block_sparse_attention import block_sparse_attention
   q, k, v, d_out = _inputs(layout, heads, kv_heads, dim, dtype)
   kernel = lambda q, k, v: block_sparse_attention(  # noqa: E731
       q, k, v, layout, block_sizes=sizes, platform="gpu", interpret=interpret)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseformer.layers.moe import MoEFeedForward
-from sparseformer.layers.moe_config import DISPATCHES, MoEConfig
-from sparseformer.layers.moe_grouped import swiglu
+from sparseformer.layers.moe.config import DISPATCHES, MoEConfig
+from sparseformer.layers.moe.grouped import swiglu
 
 
 def _memory_bytes(compiled) -> int | None:

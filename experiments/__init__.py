@@ -10,6 +10,7 @@ import difflib
 import importlib
 import pkgutil
 
+from sparseformer.train import overrides
 from sparseformer.train.config import RunConfig
 
 
@@ -39,8 +40,6 @@ def get(name: str, variant: str | None = None) -> RunConfig:
   grid = getattr(module, "VARIANTS", {})
   if variant not in grid:
     raise ValueError(f"Experiment {name!r} has no variant {variant!r}; choose one of {sorted(grid) or 'none'}.")
-  from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
-
   return overrides.apply_overrides(dataclasses.replace(config, name=f"{config.name}-{variant}"), grid[variant])
 
 

@@ -14,7 +14,7 @@ Each run takes ~10 minutes on 2 CPU cores.
 
 import dataclasses
 
-from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.models import presets
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig

@@ -2,8 +2,9 @@
 
 import dataclasses
 
-from sparseformer.layers.attention_config import SparseAttentionConfig
-from sparseformer.layers.moe_config import MoEConfig
+from sparseformer.layers.attention import kinds
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.moe.config import MoEConfig
 
 DTYPES = ("float32", "bfloat16")
 FFN_KINDS = ("dense", "moe")
@@ -54,9 +55,7 @@ class ModelConfig:
       if kind not in FFN_KINDS:
         raise ValueError(f"model.ffn_pattern has unknown kind {kind!r}; choose from {FFN_KINDS}.")
     for kind in set(self.attention_pattern) - {"global"}:
-      from sparseformer.layers import attention_patterns  # pylint: disable=import-outside-toplevel
-
-      attention_patterns.validate_kind(kind, self.attention)
+      kinds.validate_kind(kind, self.attention)
 
   @property
   def resolved_head_dim(self) -> int:

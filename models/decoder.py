@@ -9,6 +9,7 @@ from flax import nnx
 from sparseformer.layers.attention import Attention
 from sparseformer.layers.embedding import Embedding
 from sparseformer.layers.mlp import SwiGLU
+from sparseformer.layers.moe import MoEFeedForward
 from sparseformer.layers.norm import RMSNorm
 from sparseformer.models.config import ModelConfig
 
@@ -28,8 +29,6 @@ class Block(nnx.Module):
         param_dtype=param_dtype, rngs=rngs)
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if self.ffn_kind == "moe":
-      from sparseformer.layers.moe import MoEFeedForward  # pylint: disable=import-outside-toplevel
-
       self.ffn = MoEFeedForward(config.d_model, config.moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     else:
       self.ffn = SwiGLU(config.d_model, config.resolved_mlp_hidden, init_std=config.init_std,

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from sparseformer.layers.attention import kinds
 from sparseformer.models.config import ModelConfig
 
 
@@ -10,9 +11,7 @@ def attention_density(config: ModelConfig, layer: int, seq_len: int) -> float:
   kind = config.attention_kind(layer)
   if kind == "global":
     return (seq_len + 1) / (2 * seq_len)
-  from sparseformer.layers import attention_patterns  # pylint: disable=import-outside-toplevel
-
-  layout = attention_patterns.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads)
+  layout = kinds.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads)
   return allowed_pair_fraction(layout)
 
 

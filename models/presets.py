@@ -3,8 +3,8 @@
 import dataclasses
 from typing import Callable
 
-from sparseformer.layers import moe_config
-from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.layers.moe import config as moe_config
+from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.models.config import ModelConfig
 
 _SMALL = dict(num_layers=4, d_model=512, num_heads=8, num_kv_heads=8, max_seq_len=512)

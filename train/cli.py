@@ -49,13 +49,6 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _resolved_config(experiment: str, variant: str | None, assignments: list[str]):
-  from sparseformer import experiments  # pylint: disable=import-outside-toplevel
-  from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
-
-  return overrides.apply_overrides(experiments.get(experiment, variant), assignments)
-
-
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
@@ -69,35 +62,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-  if args.command == "experiments":
-    from sparseformer import experiments  # pylint: disable=import-outside-toplevel
+  # Imported after parsing, so `--help` and argument errors answer at once instead of after loading JAX.
+  # pylint: disable=import-outside-toplevel
+  import jax
 
+  from sparseformer import experiments
+  from sparseformer.train import distributed, overrides, trainer
+
+  def resolved_config():
+    return overrides.apply_overrides(experiments.get(args.experiment, args.variant), args.overrides)
+
+  if args.command == "experiments":
     for name in experiments.names():
       grid = experiments.variants(name)
       listing = f"\nvariants: {', '.join(grid)}" if grid else ""
       print(f"== {name}\n{experiments.describe(name)}{listing}\n")
     return 0
   if args.command == "show-config":
-    from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
-
-    print(json.dumps(overrides.to_dict(_resolved_config(args.experiment, args.variant, args.overrides)), indent=2))
+    print(json.dumps(overrides.to_dict(resolved_config()), indent=2))
     return 0
-
-  from sparseformer.train import distributed, trainer  # pylint: disable=import-outside-toplevel
-
   if args.command == "train":
-    config = _resolved_config(args.experiment, args.variant, args.overrides)  # errors before any start-up cost
+    config = resolved_config()  # errors before any start-up cost
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     default_workdir = os.path.join("runs", args.experiment + (f"-{args.variant}" if args.variant else ""))
     summary = trainer.train(config, args.workdir or default_workdir)
     if distributed.is_multiprocess():  # every process reports, so a launcher can check that they agree
-      import jax  # pylint: disable=import-outside-toplevel
-
       print(f"[process {jax.process_index()}/{jax.process_count()}] summary {json.dumps(summary)}", flush=True)
     return 0
   if args.command == "eval":
-    from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
-
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)
     result = trainer.evaluate_workdir(config, args.workdir)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sparseformer.layers import moe
 from sparseformer.models import flops as flops_lib
 from sparseformer.train import checkpoint as checkpoint_lib
 from sparseformer.train import data as data_lib
@@ -24,6 +25,7 @@ from sparseformer.train import step as step_lib
 from sparseformer.train import tokenizer
 from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
+from sparseformer.train.sample import sample_tokens
 
 # Fields a resumed run may change; any other difference from the stored config.json is an error.
 RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -181,8 +183,6 @@ def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
 def _after_optimizer_step_hook(config: RunConfig):
   if "moe" not in config.model.ffn_pattern:
     return None
-  from sparseformer.layers import moe  # pylint: disable=import-outside-toplevel
-
   return moe.after_optimizer_step
 
 
@@ -293,8 +293,6 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
 
 def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 0.8, top_k: int = 0,
                 seed: int = 0) -> str:
-  from sparseformer.train.sample import sample_tokens  # pylint: disable=import-outside-toplevel
-
   prompt_ids = tokenizer.encode(prompt)
   with jax.set_mesh(run.mesh):
     ids = sample_tokens(run.model(), prompt_ids, num_tokens=num_tokens, window=run.config.data.seq_len,

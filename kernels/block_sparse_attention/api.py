@@ -78,6 +78,7 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
     out, and lse = log(sum_k exp(scale * q.k)) over visible keys (natural log). A query row with
     no visible key gives out = 0 and lse = -inf (its gradients are 0). Both are differentiable.
   """
+  q, k, v = (jnp.asarray(x) for x in (q, k, v))  # any array-like (NumPy, lists) from here on
   arrays, meta = common.layout_to_arrays(layout, q.shape[2] if q.ndim == 4 else -1)
   _check_inputs(q, k, v, meta)
   platform = _resolve_platform(platform)

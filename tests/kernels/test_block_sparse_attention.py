@@ -26,8 +26,7 @@ from jax.experimental import pallas as pl
 
 from sparseformer.kernels.block_sparse_attention import api, common
 from sparseformer.kernels.block_sparse_attention import BlockSizes
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers import layouts
+from sparseformer.layers.attention import backends as sa, builders as lb, layouts
 
 # (abs tolerance on values/lse, tolerance on grads relative to the largest reference grad)
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 3e-2)}
@@ -241,7 +240,6 @@ def test_interpret_outputs_start_poisoned():
 
 
 def test_public_entry_point_and_attend_backend():
-  from sparseformer.layers import sparse_attention as sa
   layout = lb.sliding_window(128, block_q=32, left=20)
   q, k, v, _, _ = _inputs(SEED, 1, 128, 128, 2, 2, 16, jnp.float32)
   out = np.asarray(sa.attend(q, k, v, layout, backend="pallas"))  # interpret=None -> True on CPU

@@ -27,8 +27,8 @@ from sparseformer.benchmarks import attention_gpu as bench
 from sparseformer.benchmarks import attention_gpu_tune as tune
 from sparseformer.benchmarks import kernel_gpu_checks
 from sparseformer.kernels.block_sparse_attention import BlockSizes, block_sparse_attention
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers import layouts
+from sparseformer.layers.attention import builders as lb
+from sparseformer.layers.attention import layouts
 
 CFG = bench.FULL
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from sparseformer.layers import rope
 from sparseformer.layers.attention import Attention
-from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.models.config import ModelConfig
 from sparseformer.models.decoder import DecoderLM
 

@@ -9,8 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from sparseformer.layers import attention_patterns, layout_builders
-from sparseformer.layers.attention_config import SparseAttentionConfig
+from sparseformer.layers.attention import builders as layout_builders, kinds as attention_patterns
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.moe import config as moe_config
 from sparseformer.models import flops, presets
 from sparseformer.models.config import ModelConfig
 from sparseformer.models.decoder import DecoderLM
@@ -77,8 +78,6 @@ def test_narrow_window_changes_outputs():
 
 @pytest.mark.parametrize("ffn_pattern", [("moe",), ("dense", "moe")])
 def test_moe_model_trains_and_reports_per_layer_metrics(ffn_pattern):
-  from sparseformer.layers import moe_config
-
   config = _tiny(ffn_pattern=ffn_pattern, moe=moe_config.mixtral(num_experts=4, expert_hidden=64, block_size=16))
   model = DecoderLM(config, rngs=nnx.Rngs(0))
   _, aux = model(jnp.zeros((2, SEQ), jnp.int32))

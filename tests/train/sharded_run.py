@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
-from sparseformer.layers import moe_config  # noqa: E402
+from sparseformer.layers.moe import config as moe_config  # noqa: E402
 from sparseformer.models.config import ModelConfig  # noqa: E402
 from sparseformer.train import metrics as metrics_lib  # noqa: E402
 from sparseformer.train import trainer  # noqa: E402

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from sparseformer.layers.moe import config as moe_config
 from sparseformer.train import checkpoint, sample, trainer
 from sparseformer.train import metrics as metrics_lib
 from sparseformer.train.data import load_corpus
@@ -139,8 +140,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(text_corpus, tmp_path, tin
 
 
 def test_moe_bias_balancing_runs_outside_the_optimizer_and_is_logged(tmp_path, tiny_config):
-  from sparseformer.layers import moe_config
-
   config = tiny_config(steps=3, log_every=1)  # odd: +-u steps cannot cancel to an all-zero bias
   moe = moe_config.deepseek_v3(num_experts=4, top_k=2, expert_hidden=32, n_groups=2, topk_groups=1,
                                num_shared_experts=1, block_size=16, bias_update_rate=1e-2, jitter=0.01)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sparseformer.layers.layouts import EMPTY, FULL, BlockLayout, from_block_table, per_head, union
+from sparseformer.layers.attention.layouts import EMPTY, FULL, BlockLayout, from_block_table, per_head, union
 
 # Block classes, ordered so that AND = minimum and OR = maximum.
 NONE, SOME, ALL = 0, 1, 2

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sparseformer.layers import moe_dispatch
-from sparseformer.layers.moe_grouped import GROUPED_SWIGLU
+from sparseformer.layers.moe import dispatch as moe_dispatch
+from sparseformer.layers.moe.grouped import GROUPED_SWIGLU
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers.layouts import FULL, BlockGrid
+from sparseformer.layers.attention.layouts import FULL, BlockGrid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers import attention
+from sparseformer.layers.attention import dense
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}  # on `_relative_errors`
 
@@ -18,7 +18,7 @@ def _jitted_values_and_grads(q, k, v, cotangent, block_size, is_causal):
   if block_size is None:
     fn = functools.partial(jax.nn.dot_product_attention, is_causal=is_causal)
   else:
-    fn = functools.partial(attention.blocked_causal_attention, block_size=block_size)
+    fn = functools.partial(dense.blocked_causal_attention, block_size=block_size)
   out, vjp = jax.vjp(fn, q, k, v)
   return [x.astype(jnp.float32) for x in (out, *vjp(cotangent.astype(out.dtype)))]
 
@@ -71,7 +71,7 @@ def test_blocked_matches_reference(seed, batch, seq, kv_heads, groups, head_dim,
 def test_blocked_matches_reference_at_model_shape():
   """The `small` preset's head shape, blocks of 128 (the CPU default), a ragged last block."""
   _assert_blocked_matches_reference(np.random.default_rng().integers(2**31), 1, 300, 8, 8, 64,
-                                    attention.CPU_BLOCK_SIZE, jnp.float32)
+                                    dense.CPU_BLOCK_SIZE, jnp.float32)
 
 
 def test_blocked_bfloat16():
@@ -88,9 +88,9 @@ def test_tolerance_catches_a_wrong_mask():
 
 def test_causal_attention_dispatch():
   q, k, v, _ = _random_inputs(np.random.default_rng().integers(2**31), 1, 20, 4, 4, 8, jnp.float32)
-  got = np.asarray(attention.causal_attention(q, k, v))
+  got = np.asarray(dense.causal_attention(q, k, v))
   if jax.default_backend() == "cpu":
-    expected = attention.blocked_causal_attention(q, k, v)
+    expected = dense.blocked_causal_attention(q, k, v)
   else:
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
   np.testing.assert_array_equal(got, np.asarray(expected))

@@ -8,8 +8,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers import layouts
+from sparseformer.layers.attention import builders as lb, layouts
 
 
 def check_contract(layout: layouts.BlockLayout) -> None:

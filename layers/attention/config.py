@@ -1,6 +1,6 @@
 """Configuration of the attention kinds a layer can use (dense and block-sparse).
 
-Each kind of `layers/attention_patterns.py` reads the fields it needs:
+Each kind of `layers/attention/kinds.py` reads the fields it needs:
 
   global      dense causal                       block_size
   local       sliding (optionally dilated) window window, window_right, dilation
@@ -16,8 +16,7 @@ Each kind of `layers/attention_patterns.py` reads the fields it needs:
 
 import dataclasses
 
-# Kept in sync with sparse_attention.BACKENDS (a test checks it); not imported to keep configs JAX-free.
-_BACKENDS = ("auto", "reference", "xla", "pallas")
+BACKENDS = ("auto", "reference", "xla", "pallas")  # what backends.attend accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +41,8 @@ class SparseAttentionConfig:
   layout_factory: str = ""  # custom: "package.module:function" or a name given to register_layout_factory
 
   def __post_init__(self):
-    if self.backend not in _BACKENDS:
-      raise ValueError(f"attention.backend={self.backend!r} is unknown; choose one of {_BACKENDS}.")
+    if self.backend not in BACKENDS:
+      raise ValueError(f"attention.backend={self.backend!r} is unknown; choose one of {BACKENDS}.")
     minimums = {"block_size": 1, "block_kv_size": 0, "window": 1, "window_right": 0, "dilation": 1,
                 "stride": 1, "summary_tokens": 1, "num_global": 0, "num_random_blocks": 0, "seed": 0,
                 "chunk_size": 1, "num_sinks": 0}

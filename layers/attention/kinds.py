@@ -1,9 +1,9 @@
 """Attention kinds selectable per layer: kind name + SparseAttentionConfig -> BlockLayout.
 
     layout = build_layout("local", config, seq_len=T, num_heads=H)   # cached; call at every trace
-    out = sparse_attention.attend(q, k, v, layout, backend=config.backend)
+    out = backends.attend(q, k, v, layout, backend=config.backend)
 
-Kinds (see attention_config.py for the fields each reads; the builders cite the papers):
+Kinds (see config.py for the fields each reads; the builders cite the papers):
   global      dense causal (Vaswani et al., 2017)
   local       sliding window, `window` keys incl. self, optionally dilated (Longformer; Mistral)
   strided     Sparse Transformer strided (Child et al., 2019)
@@ -21,9 +21,9 @@ import functools
 import importlib
 from collections.abc import Callable
 
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers.attention_config import SparseAttentionConfig
-from sparseformer.layers.layouts import BlockLayout
+from sparseformer.layers.attention import builders as lb
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.attention.layouts import BlockLayout
 
 ATTENTION_KINDS = ("global", "local", "strided", "fixed", "bigbird", "longformer", "chunked", "sinks", "custom")
 

@@ -8,11 +8,11 @@ Backends (all compute the same function, tests hold them equal):
              O(T * max_kv * block_kv); no T x S buffer. Flash-style custom VJP (see the xla section).
              Host layouts run in buckets of similar list length; traced ones at width max_kv.
   pallas     sparseformer.kernels.block_sparse_attention.block_sparse_attention (flash-style).
-  auto       pallas on GPU/TPU when the kernel package provides it, else xla.
+  auto       pallas on GPU/TPU, else xla.
 
 Layouts: a `BlockLayout`, or any object with its contract fields whose lists are jax arrays built
 inside jit (content-routed attention, e.g. top-k key blocks per query block). reference and xla
-read both through sparse_attention_layout.py, the pallas kernel through its own layout_to_arrays.
+read both through layout_view.py, the pallas kernel through its own layout_to_arrays.
 
 Contract (every backend): GQA with query head h reading kv head h // (H // KVH); softmax
 statistics in f32 whatever the input dtype; output in q.dtype; a query row with no visible key
@@ -28,22 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers.layouts import BlockLayout
-from sparseformer.layers.sparse_attention_layout import (LIST_FIELDS, Geometry, geometry, on_host, tile_ids,
+from sparseformer.kernels import block_sparse_attention as pallas_kernel
+from sparseformer.layers.attention.config import BACKENDS
+from sparseformer.layers.attention.layouts import BlockLayout
+from sparseformer.layers.attention.layout_view import (LIST_FIELDS, Geometry, geometry, on_host, tile_ids,
                                                        tile_table, token_mask)
-
-BACKENDS = ("auto", "reference", "xla", "pallas")
-
-
-@functools.lru_cache(maxsize=None)
-def _pallas_kernel():
-  """The Pallas kernel function, or None when the kernel package does not provide one yet."""
-  try:
-    from sparseformer.kernels import block_sparse_attention as kernel_module
-  except ImportError:
-    return None
-  return getattr(kernel_module, "block_sparse_attention", None)
-
 
 def resolve_backend(backend: str) -> str:
   """Concrete backend name for `backend` on the current default JAX platform."""
@@ -51,11 +40,13 @@ def resolve_backend(backend: str) -> str:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "auto":
     on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-    return "pallas" if on_accelerator and _pallas_kernel() is not None else "xla"
-  if backend == "pallas" and _pallas_kernel() is None:
-    raise ValueError("backend='pallas' but sparseformer.kernels.block_sparse_attention provides no "
-                     "`block_sparse_attention`; use backend='xla' or 'auto'")
+    return "pallas" if on_accelerator else "xla"
   return backend
+
+
+def _as_arrays(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v as jax arrays: every backend accepts any array-like (NumPy arrays, nested lists)."""
+  return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
 def _check_shapes(q, k, v, layout) -> Geometry:
@@ -84,13 +75,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout, *, bac
   kv_mask_id; partial_masks too) may be jax arrays built inside jit (content-routed attention). Such
   lists are not validated: ids must lie in [0, num_kv_blocks) and no row may list a block twice.
   """
+  q, k, v = _as_arrays(q, k, v)
   _check_shapes(q, k, v, layout)
   backend = resolve_backend(backend)
   if backend == "reference":
     return reference_attention(q, k, v, layout, scale=scale)
   if backend == "xla":
     return xla_attention(q, k, v, layout, scale=scale)
-  return _pallas_kernel()(q, k, v, layout, scale=scale)
+  return pallas_kernel.block_sparse_attention(q, k, v, layout, scale=scale)
 
 
 def _masked_softmax_stats(scores: jax.Array, mask: jax.Array, axes: tuple[int, ...]):
@@ -107,6 +99,7 @@ def _masked_softmax_stats(scores: jax.Array, mask: jax.Array, axes: tuple[int, .
 
 def reference_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None) -> jax.Array:
   """Obvious dense masked attention: `masked_attention` under the layout's token mask (tests only)."""
+  q, k, v = _as_arrays(q, k, v)
   geo = _check_shapes(q, k, v, layout)
   mask = layout.to_token_mask() if isinstance(layout, BlockLayout) else token_mask(layout, geo)
   return masked_attention(q, k, v, jnp.asarray(mask), scale=scale)
@@ -373,6 +366,7 @@ def xla_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None) -
   Host (NumPy) layouts run query blocks in buckets of similar list length; jax (maybe traced)
   lists run every query block at width max_kv.
   """
+  q, k, v = _as_arrays(q, k, v)
   geo = _check_shapes(q, k, v, layout)
   batch, seq_q, heads, dim = q.shape
   scale = 1.0 / math.sqrt(dim) if scale is None else scale

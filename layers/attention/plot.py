@@ -1,8 +1,8 @@
 """PNG pictures of BlockLayouts, so a researcher can see what a pattern does.
 
-    from sparseformer.layers import layout_builders as lb, layout_plot
-    layout_plot.save_layout_png(lb.bigbird(1024, block_q=64, left=127, num_global=64,
-                                           num_random_blocks=2), "bigbird.png")
+    from sparseformer.layers.attention import builders, plot
+    plot.save_layout_png(builders.bigbird(1024, block_q=64, left=127, num_global=64,
+                                          num_random_blocks=2), "bigbird.png")
 
 Each layout gets a block view (FULL dark, PARTIAL mid-grey, EMPTY white; queries down, keys
 across) and, when the sequence is short enough, the exact token mask beside it.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sparseformer.layers.layouts import EMPTY, FULL, BlockLayout
+from sparseformer.layers.attention.layouts import EMPTY, FULL, BlockLayout
 
 
 def block_image(layout: BlockLayout, head: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests of the MoE feed-forward layer (layers/moe*.py) on one device.
+"""Tests of the MoE feed-forward layer (layers/moe/) on one device.
 
 Every dispatch path is held against a naive reference that loops over experts
 and runs each on its own tokens, values and gradients, on fresh random inputs.
@@ -12,12 +12,16 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from sparseformer.layers import moe_dispatch, moe_grouped, moe_parallel, routing
+from sparseformer.layers import routing
 from sparseformer.layers.moe import MoEFeedForward, after_optimizer_step
-from sparseformer.layers.moe_config import DISPATCHES, PRESETS, MoEConfig
+from sparseformer.layers.moe import dispatch as moe_dispatch, grouped as moe_grouped, parallel as moe_parallel
+from sparseformer.layers.moe.config import DISPATCHES, PRESETS, MoEConfig
+from sparseformer.models.config import ModelConfig
+from sparseformer.models.decoder import DecoderLM
 
 SETTINGS = hypothesis.settings(max_examples=3, deadline=None, derandomize=False,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -336,9 +340,6 @@ def test_experts_not_divisible_by_expert_axis_fail():
 
 def test_small_moe_model_trains_with_balanced_routing_and_few_drops():
   """The real DecoderLM with MoE layers (capacity 1.25, balance loss 0.01) learns a token map."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from sparseformer.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from sparseformer.models.decoder import DecoderLM  # pylint: disable=import-outside-toplevel
 
   vocab, batch, length, steps = 64, 8, 128, 60
   moe_config = MoEConfig(num_experts=8, top_k=2, expert_hidden=64, dispatch="capacity_scatter",

@@ -8,7 +8,7 @@ by the trainer's logical rules; outputs, every auxiliary statistic (global-batch
 loads, losses, dropped fraction) and all parameter gradients must agree, and the
 compiled sharded program must contain the all-to-all exchange.
 
-Run one case by hand: python tests/layers/test_moe_parallel.py expert4_data2
+Run one case by hand: python tests/layers/moe/test_parallel.py expert4_data2
 """
 
 import os
@@ -64,7 +64,7 @@ def _run_case(case: str) -> None:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from sparseformer.layers.moe import MoEFeedForward, after_optimizer_step  # pylint: disable=import-outside-toplevel
-  from sparseformer.layers.moe_config import MoEConfig  # pylint: disable=import-outside-toplevel
+  from sparseformer.layers.moe.config import MoEConfig  # pylint: disable=import-outside-toplevel
   from sparseformer.train.sharding import logical_to_spec  # pylint: disable=import-outside-toplevel
 
   assert jax.device_count() == 8, "XLA_FLAGS must be set before JAX starts"

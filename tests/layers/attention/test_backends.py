@@ -11,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseformer.layers import layout_builders as lb
-from sparseformer.layers import layouts
-from sparseformer.layers import sparse_attention as sa
+from sparseformer.layers.attention import backends as sa, builders as lb, layouts
 
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 2e-2)}  # (values, grads), abs and rel
 
@@ -378,3 +376,17 @@ def test_top_k_routed_layout_matches_reference():
   expected = values_and_grads("reference", q, k, v, cotangent,
                               types.SimpleNamespace(to_token_mask=lambda: mask))
   assert_close([np.asarray(x) for x in got], expected, TOL[jnp.float32][1], "top-k routed")
+
+
+@pytest.mark.parametrize("seq", [64, 50])  # a multiple of the block (no padding) and not
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_numpy_inputs_any_length(backend, seq):
+  """Every backend takes NumPy q, k, v eagerly (64 = 4 blocks of 16 once failed in lax.map)."""
+  layout = lb.sliding_window(seq, block_q=16, left=20)
+  rng = np.random.default_rng(seq)
+  q, k, v = (rng.standard_normal((1, seq, 2, 8), np.float32) for _ in range(3))
+  got = np.asarray(sa.attend(q, k, v, layout, backend=backend))
+  want = np.asarray(sa.masked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                        jnp.asarray(layout.to_token_mask())))
+  assert not np.isnan(got).any()
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparseformer.layers import moe_parallel
 from sparseformer.layers import routing
-from sparseformer.layers.moe_config import MoEConfig
-from sparseformer.layers.moe_grouped import swiglu
+from sparseformer.layers.moe import parallel as moe_parallel
+from sparseformer.layers.moe.config import MoEConfig
+from sparseformer.layers.moe.grouped import swiglu
 from sparseformer.layers.routing import RouterBias, RouterLoad  # noqa: F401  (part of the API)
 
 __all__ = ["MoEFeedForward", "MoEConfig", "RouterBias", "RouterLoad", "after_optimizer_step"]

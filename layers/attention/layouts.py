@@ -6,7 +6,7 @@ arrays. The contract (shared with kernels/) is in the `BlockLayout` docstring.
 
 This module holds the data structure, its canonical constructor from a dense block table, the
 generic constructors (`from_block_mask`) and the algebra (`union`, `intersection`, `per_head`).
-Named patterns (causal, sliding window, BigBird, ...) live in `layout_builders.py`.
+Named patterns (causal, sliding window, BigBird, ...) live in `builders.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 # Block-table codes (internal dense view, see `BlockLayout.block_table`).
@@ -155,7 +156,6 @@ class BlockLayout(BlockGrid):
 
   def device_arrays(self) -> dict:
     """The int arrays and partial_masks as jnp arrays (for kernels taking them as operands)."""
-    import jax.numpy as jnp  # local: keep this module importable without touching a backend
     arrays = {name: jnp.asarray(getattr(self, name)) for name in _INT_FIELDS}
     arrays["partial_masks"] = jnp.asarray(self.partial_masks)
     return arrays

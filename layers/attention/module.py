@@ -1,0 +1,60 @@
+"""Causal self-attention with grouped-query heads, RoPE and a choice of dense or block-sparse kernels."""
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparseformer.layers import rope
+from sparseformer.layers.attention import backends, kinds
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.attention.dense import causal_attention
+
+
+class Attention(nnx.Module):
+  """Multi-head causal attention; `num_kv_heads < num_heads` gives GQA (Ainslie et al., 2023).
+
+  `kind == "global"` is dense causal attention (`causal_attention`); every other kind builds a static
+  `BlockLayout` for the sequence length at trace time and runs `backends.attend`.
+  """
+
+  def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, kind: str,
+               sparse_config: SparseAttentionConfig, rope_theta: float, init_std: float, out_init_std: float,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.kind = kind
+    self.sparse_config = sparse_config
+    self.rope_theta = rope_theta
+    self.dtype = dtype
+    normal = nnx.initializers.normal
+    self.wq = nnx.Param(normal(init_std)(rngs.params(), (dim, num_heads, head_dim), param_dtype),
+                        logical_axes=("embed", "heads", "head_dim"))
+    self.wk = nnx.Param(normal(init_std)(rngs.params(), (dim, num_kv_heads, head_dim), param_dtype),
+                        logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wv = nnx.Param(normal(init_std)(rngs.params(), (dim, num_kv_heads, head_dim), param_dtype),
+                        logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wo = nnx.Param(normal(out_init_std)(rngs.params(), (num_heads, head_dim, dim), param_dtype),
+                        logical_axes=("heads", "head_dim", "embed"))
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [B, T, D], positions: [B, T] or [T] -> [B, T, D] in the compute dtype."""
+    batch = x.shape[0]
+    # Tokens flattened into one axis M = B * T: the weight gradients then contract a single axis, which XLA CPU
+    # runs without the transposes it inserts for a (B, T) contraction (~10 % of a layer's fwd+bwd).
+    tokens = einops.rearrange(x.astype(self.dtype), "B T D -> (B T) D")
+    q, k, v = (einops.rearrange(jnp.einsum("MD,DNH->MNH", tokens, w[...].astype(self.dtype)), "(B T) N H -> B T N H",
+                                B=batch) for w in (self.wq, self.wk, self.wv))
+    q = rope.apply_rope(q, positions, theta=self.rope_theta)
+    k = rope.apply_rope(k, positions, theta=self.rope_theta)
+    if self.kind == "global":
+      out = causal_attention(q, k, v)
+    else:
+      out = self._sparse_attention(q, k, v)
+    out = einops.rearrange(out, "B T N H -> (B T) N H")
+    return einops.rearrange(jnp.einsum("MNH,NHD->MD", out, self.wo[...].astype(self.dtype)), "(B T) D -> B T D",
+                            B=batch)
+
+  def _sparse_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    layout = kinds.build_layout(self.kind, self.sparse_config, seq_len=q.shape[1], num_heads=self.num_heads)
+    return backends.attend(q, k, v, layout, backend=self.sparse_config.backend)
