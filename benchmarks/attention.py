@@ -1,23 +1,28 @@
 #!/usr/bin/env python
-"""Block-sparse attention (`xla` backend) against dense masked attention, on the local CPU/GPU.
+"""Block-sparse attention (`xla` backend) against the strongest dense causal paths, on the local CPU/GPU.
 
-    python benchmarks/attention.py --out /tmp/attention_run1.json     # one run, < 10 min on 2 cores
-    python benchmarks/attention.py --out /tmp/attention_run2.json     # run it twice: load varies
+    python benchmarks/attention.py --out /tmp/attention_run1.json     # one run (T 1K..16K), ~25 min on 2 cores
+    python benchmarks/attention.py --seq-lens 8192 --out /tmp/attention_8k.json    # the goal's T only, ~6 min
     python benchmarks/attention.py --ablation 8192 --out /tmp/attention_ablation.json   # custom VJP vs autodiff
-    python benchmarks/attention.py --report /tmp/attention_run1.json /tmp/attention_run2.json \\
-        /tmp/attention_ablation.json   # medians -> docs/benchmarks/attention.{json,png}, tables in attention.md
+    python benchmarks/attention.py --report /tmp/attention_run1.json /tmp/attention_ablation.json \
+        # medians -> docs/benchmarks/attention.{json,png}, tables in attention.md
     python benchmarks/attention.py --quick --out /tmp/q.json          # T in {1K, 2K}: a smoke test
 
-For T in 1K..16K, H = 8 (and KV heads), D = 64, batch 1, f32, blocks of 128 and three causal
-patterns (local window of 512 keys incl. self; BigBird with a 256-key window, one global block and
-3 random blocks; Sparse Transformer strided with stride 128 * round(sqrt(T / 128))), it times
-forward and forward+backward (grads of q, k, v) of `sparse_attention.attend(backend="xla")` and of
-`jax.nn.dot_product_attention(implementation="xla")` under the same token mask, interleaved in one
-process, and reports each pattern's density, the speedup and the 1/density bound, and XLA's
-compiled peak memory (arguments + outputs + temporaries, from `compiled.memory_analysis()`).
-Dense runs are skipped where their compiled memory exceeds --dense-max-gib.
-Expected (issue 3, 2 cores): at T = 8192, window 512, >= 80 % of the bound forward and >= 90 %
-forward+backward; xla peak memory linear in T.
+For T in 1K..16K, H = 8 (and KV heads), D = 64, batch 1, f32, blocks of 128 and three causal patterns
+(local window of 512 keys incl. self; BigBird with a 256-key window, one global block and 3 random blocks;
+Sparse Transformer strided with stride 128 * round(sqrt(T / 128))), it times forward and forward+backward
+(grads of q, k, v) of `attend(backend="xla")` and of the dense baselines, all interleaved in one process
+after one discarded warm-up call each, median of --repeats (>= 3) samples:
+  blocked_causal    `dense.blocked_causal_attention`, what the model runs on CPU (skips the masked half)
+  xla_dense_causal  the same xla code under the dense causal layout
+  masked_dense      `jax.nn.dot_product_attention(implementation="xla")` under the pattern's token mask
+                    (all T x T scores: a weak baseline, shown, never the comparison point)
+The speedup is against the faster of the first two; the bound is causal token density / the pattern's token
+density (allowed (query, key) pairs / T^2), what skipping the disallowed pairs can buy over a path computing
+exactly the causal half. Peak memory is XLA's compiled buffer assignment (arguments + outputs + temporaries);
+masked_dense runs whose compiled peak exceeds --dense-max-gib are skipped.
+Goal (issue 3, 2 cores): at T = 8192, window 512, >= 80 % of the bound forward and >= 90 % forward+backward;
+xla peak memory linear in T.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparseformer.layers.attention import backends as sa, builders as lb, plot as layout_plot  # noqa: E402
+from sparseformer.layers.attention import backends as sa, builders as lb, dense, plot as layout_plot  # noqa: E402
+from sparseformer.models import flops  # noqa: E402
 
 HEADS, DIM, BLOCK = 8, 64, 128
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks")
@@ -88,62 +94,99 @@ class _Timed:
     return self.times[-1]
 
 
-def _functions(layout):
-  """(impl, mode) -> function of (q, k, v, cotangent, *mask); fwd ignores the cotangent.
+def time_interleaved(entries: list[_Timed], repeats: int) -> None:
+  """One discarded warm-up call per entry, then `repeats` rounds over all entries in alternating order
+  (load changes hit every entry alike; the entry after a big one pays in both directions)."""
+  if repeats < 3:
+    raise ValueError(f"--repeats={repeats}: medians need at least 3 samples")
+  for entry in entries:
+    entry.run()
+    entry.times.clear()
+  for repeat in range(repeats):
+    for entry in entries[::-1] if repeat % 2 else entries:
+      entry.run()
 
-  Everything is an operand (no large constant compiled in); only dense takes the token mask.
+
+def _grad(fn):
+  """fwd+bwd of fn(q, k, v, *extra): the q/k/v gradients of <fn(...), cotangent>."""
+  return lambda q, k, v, ct, *extra: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, *extra) * ct),
+                                              argnums=(0, 1, 2))(q, k, v)
+
+
+def _functions(layout, causal_layout):
+  """impl -> function of (q, k, v, *mask); only `masked_dense` takes the token mask (as an operand, so no
+  large constant is compiled in).
+
+  xla               the block-sparse path under `layout` (the fast path)
+  blocked_causal    dense causal attention as the model runs it on CPU (`dense.blocked_causal_attention`):
+                    the strongest dense baseline, it skips the masked half of T x T
+  xla_dense_causal  the same xla code under the dense causal layout (what sparsity alone buys)
+  masked_dense      `jax.nn.dot_product_attention(implementation="xla")` under the pattern's token mask
+                    (builds all T x T scores: the weak baseline, kept for comparison with earlier runs)
   """
-  sparse = lambda q, k, v, ct: sa.attend(q, k, v, layout, backend="xla")
-  dense = lambda q, k, v, ct, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
-
-  def grad(fn):
-    return lambda q, k, v, ct, *m: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, ct, *m) * ct),
-                                            argnums=(0, 1, 2))(q, k, v)
-
-  return {("xla", "fwd"): sparse, ("xla", "fwd+bwd"): grad(sparse), ("dense", "fwd"): dense,
-          ("dense", "fwd+bwd"): grad(dense)}
+  return {
+      "xla": lambda q, k, v: sa.attend(q, k, v, layout, backend="xla"),
+      "blocked_causal": dense.blocked_causal_attention,
+      "xla_dense_causal": lambda q, k, v: sa.attend(q, k, v, causal_layout, backend="xla"),
+      "masked_dense": lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla"),
+  }
 
 
-def run(seq_lens, patterns, *, repeats, max_repeat_seconds, dense_max_gib, log=print):
+BASELINES = ("blocked_causal", "xla_dense_causal")  # the strongest of these is the comparison point
+
+
+def run(seq_lens, patterns, *, repeats, dense_max_gib, log=print):
+  """Times every pattern's xla path and the dense baselines at each T, all interleaved in one pool."""
   rows = []
   for seq in seq_lens:
     keys = jax.random.split(jax.random.key(seq), 4)
     q, k, v, cotangent = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys)
-    for pattern in patterns:
-      layout = make_layout(pattern, seq)
-      mask = jnp.asarray(layout.to_token_mask())[None]  # [1, 1, T, T] for dense
-      entries, skipped = [], []
-      functions = _functions(layout)
-      for (impl, mode), fn in functions.items():
-        entry = _Timed((impl, mode), fn, (q, k, v, cotangent) + ((mask,) if impl == "dense" else ()))
-        if impl == "dense" and entry.peak_bytes and entry.peak_bytes > dense_max_gib * 2**30:
-          skipped.append((impl, mode, entry.peak_bytes))
-          continue
-        entries.append(entry)
-      if seq <= 2048:  # the two paths must agree before their times mean anything
-        got = np.asarray(entries[0].compiled(q, k, v, cotangent))
-        want = np.asarray(jax.jit(functions[("dense", "fwd")])(q, k, v, cotangent, mask))
+    causal_layout = lb.dense(seq, block_q=BLOCK)
+    entries, skipped, facts = [], [], {}
+    for pattern in (None,) + tuple(patterns):  # None: the pattern-independent baselines
+      layout = causal_layout if pattern is None else make_layout(pattern, seq)
+      functions = _functions(layout, causal_layout)
+      impls = BASELINES if pattern is None else ("xla", "masked_dense")
+      if pattern is not None:
+        facts[pattern] = dict(layout=layout.name, density=layout.density(),
+                              token_density=flops.allowed_pair_fraction(layout))
+      for impl in impls:
+        extra = (jnp.asarray(layout.to_token_mask())[None],) if impl == "masked_dense" else ()
+        fn = functions[impl]
+        for mode, timed in (("fwd", lambda q, k, v, ct, *m, fn=fn: fn(q, k, v, *m)), ("fwd+bwd", _grad(fn))):
+          entry = _Timed((pattern, impl, mode), timed, (q, k, v, cotangent) + extra)
+          if impl == "masked_dense" and entry.peak_bytes and entry.peak_bytes > dense_max_gib * 2**30:
+            skipped.append(entry.name + (entry.peak_bytes,))
+            continue
+          entries.append(entry)
+    by_name = {entry.name: entry for entry in entries}
+    if seq <= 2048:  # the paths must agree before their times mean anything
+      mask = jnp.asarray(causal_layout.to_token_mask())[None]
+      want = np.asarray(jax.nn.dot_product_attention(q, k, v, mask=mask))
+      for impl in BASELINES:
+        got = np.asarray(by_name[(None, impl, "fwd")].compiled(q, k, v, cotangent))
+        assert np.isfinite(got).all() and np.abs(got - want).max() < 1e-4, (impl, seq)
+      for pattern in patterns:
+        mask = jnp.asarray(make_layout(pattern, seq).to_token_mask())[None]
+        got = np.asarray(by_name[(pattern, "xla", "fwd")].compiled(q, k, v, cotangent))
+        want = np.asarray(jax.nn.dot_product_attention(q, k, v, mask=mask))
         assert np.isfinite(got).all() and np.abs(got - want).max() < 1e-4, (pattern, seq)
-      for entry in entries:  # warm-up; a slow first call counts as the (only) measurement
-        if entry.run() < max_repeat_seconds:
-          entry.times.clear()
-      for repeat in range(repeats):  # interleaved, so load changes hit every entry alike; the order
-        for entry in entries[::-1] if repeat % 2 else entries:  # alternates (the entry after a big one pays)
-          if not entry.times or entry.times[-1] < max_repeat_seconds:
-            entry.run()
-      for entry in entries:
-        impl, mode = entry.name
-        rows.append(dict(pattern=pattern, layout=layout.name, seq=seq, density=layout.density(),
-                         impl=impl, mode=mode, seconds=statistics.median(entry.times), runs=len(entry.times),
-                         peak_mb=None if entry.peak_bytes is None else entry.peak_bytes / 2**20,
-                         compile_seconds=entry.compile_seconds))
-        log(f"T={seq:6d} {pattern:8s} density {layout.density():.4f} {impl:5s} {mode:8s} "
-            f"{rows[-1]['seconds'] * 1e3:10.1f} ms  ({len(entry.times)} runs)  peak {rows[-1]['peak_mb']:9.1f} MB")
-      for impl, mode, peak in skipped:
-        rows.append(dict(pattern=pattern, layout=layout.name, seq=seq, density=layout.density(), impl=impl,
-                         mode=mode, seconds=None, peak_mb=peak / 2**20,
-                         skipped=f"compiled peak {peak / 2**30:.1f} GiB > --dense-max-gib {dense_max_gib}"))
-        log(f"T={seq:6d} {pattern:8s} {impl} {mode}: skipped ({rows[-1]['skipped']})")
+    time_interleaved(entries, repeats)
+    causal_token_density = (seq + 1) / (2 * seq)
+    for entry in entries:
+      pattern, impl, mode = entry.name
+      rows.append(dict(pattern=pattern or "baseline", seq=seq, impl=impl, mode=mode,
+                       seconds=statistics.median(entry.times), runs=len(entry.times),
+                       peak_mb=None if entry.peak_bytes is None else entry.peak_bytes / 2**20,
+                       compile_seconds=entry.compile_seconds, causal_token_density=causal_token_density,
+                       **facts.get(pattern, {})))
+      log(f"T={seq:6d} {pattern or 'baseline':8s} {impl:16s} {mode:8s} {rows[-1]['seconds'] * 1e3:10.1f} ms "
+          f"({len(entry.times)} runs)  peak {rows[-1]['peak_mb'] or 0:9.1f} MB")
+    for pattern, impl, mode, peak in skipped:
+      rows.append(dict(pattern=pattern, seq=seq, impl=impl, mode=mode, seconds=None, peak_mb=peak / 2**20,
+                       skipped=f"compiled peak {peak / 2**30:.1f} GiB > --dense-max-gib {dense_max_gib}",
+                       causal_token_density=causal_token_density, **facts[pattern]))
+      log(f"T={seq:6d} {pattern:8s} {impl} {mode}: skipped ({rows[-1]['skipped']})")
   return rows
 
 
@@ -184,13 +227,9 @@ def ablation(seq: int, repeats: int, log=print) -> list[dict]:
                 _Timed((name, "fwd+bwd"), grad, (q, k, v, ct))]
   reference = np.asarray(entries[0].compiled(q, k, v, ct))
   for entry in entries:
-    entry.run()
-    entry.times.clear()
     if entry.name[1] == "fwd":
       assert np.abs(np.asarray(entry.compiled(q, k, v, ct)) - reference).max() < 1e-4, entry.name
-  for repeat in range(repeats):
-    for entry in entries[::-1] if repeat % 2 else entries:
-      entry.run()
+  time_interleaved(entries, repeats)
   rows = []
   for entry in entries:
     rows.append(dict(variant=entry.name[0], mode=entry.name[1], seq=seq, seconds=statistics.median(entry.times),
@@ -227,22 +266,34 @@ def _merge(runs: list[dict]) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
+  """Per pattern and T: the xla path against the strongest dense baseline, and the causal-density bound.
+
+  bound = causal token density / the pattern's token density (allowed pairs / T^2): what skipping the
+  disallowed pairs can buy over a causal dense path that computes exactly the causal half.
+  """
   by_key = {(r["pattern"], r["seq"], r["impl"], r["mode"]): r for r in rows}
-  lines = ["| pattern | T | density | bound 1/d | xla fwd ms | dense fwd ms | fwd speedup (% bound) | "
-           "xla fwd+bwd ms | dense fwd+bwd ms | fwd+bwd speedup (% bound) | xla peak MB (fwd+bwd) | "
-           "dense peak MB (fwd+bwd) |", "|" + "---|" * 12]
+  lines = ["| pattern | T | token density | bound | xla fwd ms | best dense fwd ms | fwd speedup (% of bound) | "
+           "xla fwd+bwd ms | best dense fwd+bwd ms | fwd+bwd speedup (% of bound) | masked dense fwd+bwd ms | "
+           "peak MB fwd+bwd: xla / blocked causal / masked dense |", "|" + "---|" * 12]
   fmt = lambda s: "—" if s is None else f"{s * 1e3:.1f}"
-  for pattern, seq in sorted({(r["pattern"], r["seq"]) for r in rows}):
-    get = lambda impl, mode: by_key.get((pattern, seq, impl, mode), {})
-    density = get("xla", "fwd")["density"]
-    cells = [pattern, str(seq), f"{density:.4f}", f"{1 / density:.1f}"]
+  short = {"blocked_causal": "blocked", "xla_dense_causal": "xla causal layout"}
+  for pattern, seq in sorted({(r["pattern"], r["seq"]) for r in rows if r["pattern"] != "baseline"}):
+    get = lambda impl, mode, pattern=pattern: by_key.get((pattern, seq, impl, mode), {})
+    fact = get("xla", "fwd")
+    bound = fact["causal_token_density"] / fact["token_density"]
+    cells = [pattern, str(seq), f"{fact['token_density']:.4f}", f"{bound:.1f}x"]
     for mode in ("fwd", "fwd+bwd"):
-      sparse, dense = get("xla", mode).get("seconds"), get("dense", mode).get("seconds")
-      cells += [fmt(sparse), fmt(dense) if dense else "skipped"]
-      cells.append("—" if not (sparse and dense) else
-                   f"{dense / sparse:.1f}x ({100 * dense / sparse * density:.0f} %)")
-    peak = lambda impl: get(impl, "fwd+bwd").get("peak_mb")
-    cells += [f"{peak('xla'):.0f}" if peak("xla") else "—", f"{peak('dense'):.0f}" if peak("dense") else "—"]
+      sparse = get("xla", mode).get("seconds")
+      timed = [(by_key.get(("baseline", seq, impl, mode), {}).get("seconds"), impl) for impl in BASELINES]
+      timed = [(t, impl) for t, impl in timed if t]
+      best, best_impl = min(timed) if timed else (None, None)
+      cells += [fmt(sparse), f"{fmt(best)} ({short[best_impl]})" if best else "—"]
+      cells.append("—" if not (sparse and best) else f"{best / sparse:.1f}x ({100 * best / sparse / bound:.0f} %)")
+    cells.append(fmt(get("masked_dense", "fwd+bwd").get("seconds")) if get("masked_dense", "fwd+bwd").get("seconds")
+                 else "skipped")
+    peak = lambda p, impl: by_key.get((p, seq, impl, "fwd+bwd"), {}).get("peak_mb")
+    cells.append(" / ".join(f"{x:.0f}" if x else "—" for x in
+                            (peak(pattern, "xla"), peak("baseline", "blocked_causal"), peak(pattern, "masked_dense"))))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -253,12 +304,12 @@ def _plot(rows: list[dict], path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-    for pattern in sorted({r["pattern"] for r in rows}):
-      for impl, style in (("xla", "-o"), ("dense", "--x")):
-        pts = sorted((r["seq"], r["seconds"]) for r in rows
-                     if r["pattern"] == pattern and r["impl"] == impl and r["mode"] == mode and r["seconds"])
-        if pts:
-          ax.plot(*zip(*pts), style, label=f"{impl} {pattern}")
+    for pattern, impl in sorted({(r["pattern"], r["impl"]) for r in rows}):
+      pts = sorted((r["seq"], r["seconds"]) for r in rows
+                   if r["pattern"] == pattern and r["impl"] == impl and r["mode"] == mode and r["seconds"])
+      style = "-o" if impl == "xla" else "-s" if pattern == "baseline" else "--x"
+      if pts:
+        ax.plot(*zip(*pts), style, label=impl if pattern == "baseline" else f"{impl} {pattern}")
     ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="seconds", title=mode)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -322,8 +373,6 @@ def main(argv=None) -> None:
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
   parser.add_argument("--patterns", nargs="+", default=["local", "bigbird", "strided"])
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--max-repeat-seconds", type=float, default=4.0,
-                      help="an entry slower than this is run once (after compiling) instead of repeated")
   parser.add_argument("--dense-max-gib", type=float, default=10.0, help="skip dense runs whose compiled peak is larger")
   parser.add_argument("--quick", action="store_true", help="T in {1024, 2048} only")
   parser.add_argument("--ablation", type=int, metavar="T", default=0,
@@ -340,8 +389,7 @@ def main(argv=None) -> None:
   if args.ablation:
     ablation_rows = ablation(args.ablation, args.repeats)
   else:
-    rows = run(seq_lens, args.patterns, repeats=args.repeats, max_repeat_seconds=args.max_repeat_seconds,
-               dense_max_gib=args.dense_max_gib)
+    rows = run(seq_lens, args.patterns, repeats=args.repeats, dense_max_gib=args.dense_max_gib)
   print(f"total {time.perf_counter() - start:.0f} s")
   result = dict(machine=info, command=" ".join(sys.argv), rows=rows, ablation=ablation_rows,
                 seconds=time.perf_counter() - start)

@@ -5,8 +5,9 @@
 
 For every preset the full sparseformer train step (sharded jit, AdamW + clipping + weight-decay mask,
 non-finite guard) runs on random tokens; for dense presets a hand-written plain JAX transformer step of the
-same shape (embedding, RMSNorm, RoPE, causal attention, SwiGLU, tied head, optax AdamW) runs in the same
-process as the baseline. MFU = tokens/s x model FLOPs per token / peak, where the peak is a jitted square
+same shape and dtypes (parameters in `param_dtype`, compute in `--dtype`; embedding, RMSNorm, RoPE,
+`jax.nn.dot_product_attention`, SwiGLU, tied head, optax AdamW) is the baseline. Both compile and take one
+discarded step, then alternate step by step (interleaved, median of --steps each). MFU = tokens/s x model FLOPs per token / peak, where the peak is a jitted square
 matmul measured in this process before, between and after the runs (the CPU roofline; the highest is used, so
 MFU errs low on a noisy machine).
 Results: JSON (--out) and a markdown table on stdout.
@@ -18,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +38,33 @@ from sparseformer.train.mesh import MeshConfig, make_mesh
 from sparseformer.train.metrics import measure_matmul_peak
 
 
-def _median_step_seconds(step, state, batch, steps: int) -> tuple[float, object]:
-  state, metrics = step(state, batch)  # compile
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
+def stepper(step, state, batch) -> Callable[[], float]:
+  """A closure running one step on its own state and returning its wall time (the state is carried)."""
+  holder = [state]
+
+  def run() -> float:
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    holder[0], metrics = step(holder[0], batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), state
+    return time.perf_counter() - start
+
+  return run
 
 
-def sparseformer_step_seconds(config: ModelConfig, batch: dict, steps: int) -> float:
+def interleaved_median_seconds(runners: dict[str, Callable[[], float]], steps: int) -> dict[str, float]:
+  """Median step time of each runner: one discarded call each (compile + warm-up), then `steps` rounds
+  alternating the order, so load changes on a shared machine hit every runner alike."""
+  for run in runners.values():
+    run()
+  times = {name: [] for name in runners}
+  order = list(runners)
+  for round_ in range(steps):
+    for name in order[::-1] if round_ % 2 else order:
+      times[name].append(runners[name]())
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def sparseformer_stepper(config: ModelConfig, batch: dict) -> Callable[[], float]:
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   train_config = TrainConfig(steps=1000, warmup_steps=10)
   setup = state_lib.setup_model(config, lambda p: optimizer_lib.build_optimizer(train_config, p), mesh, 0)
@@ -57,51 +73,61 @@ def sparseformer_step_seconds(config: ModelConfig, batch: dict, steps: int) -> f
                                           learning_rate=optimizer_lib.learning_rate_schedule(train_config)),
                  in_shardings=(setup.state_shardings, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(setup.state_shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  seconds, _ = _median_step_seconds(step, state, batch, steps)
-  return seconds
+  return stepper(step, state, batch)
 
 
 def _rms_norm(x, scale):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6) * scale).astype(x.dtype)
 
 
-def plain_step_seconds(config: ModelConfig, batch: dict, steps: int) -> float:
-  """A textbook transformer train step with the same shapes: the baseline."""
+def plain_params(config: ModelConfig) -> dict:
+  """The baseline's parameters, in `config.param_dtype` like ours (the master copy the optimizer updates)."""
   d, heads, head_dim, hidden = config.d_model, config.num_heads, config.resolved_head_dim, config.resolved_mlp_hidden
   keys = iter(jax.random.split(jax.random.key(0), 8 * config.num_layers + 2))
-  normal = lambda shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
-  params = {"embed": normal((config.vocab_size, d)), "norm": jnp.ones((d,)), "layers": [
+  param_dtype = jnp.dtype(config.param_dtype)
+  normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(param_dtype)  # noqa: E731
+  ones = lambda shape: jnp.ones(shape, param_dtype)  # noqa: E731
+  return {"embed": normal((config.vocab_size, d)), "norm": ones((d,)), "layers": [
       {"wq": normal((d, heads * head_dim)), "wk": normal((d, config.num_kv_heads * head_dim)),
        "wv": normal((d, config.num_kv_heads * head_dim)), "wo": normal((heads * head_dim, d)),
        "w1": normal((d, hidden)), "w3": normal((d, hidden)), "w2": normal((hidden, d)),
-       "n1": jnp.ones((d,)), "n2": jnp.ones((d,))} for _ in range(config.num_layers)]}
-  tx = optax.adamw(1e-3)
+       "n1": ones((d,)), "n2": ones((d,))} for _ in range(config.num_layers)]}
 
-  def loss_fn(params, inputs, targets):
-    batch_size, length = inputs.shape
-    positions = jnp.arange(length)
-    x = params["embed"][inputs]
-    for layer in params["layers"]:
-      h = _rms_norm(x, layer["n1"])
-      q = rope.apply_rope((h @ layer["wq"]).reshape(batch_size, length, heads, head_dim), positions)
-      k = rope.apply_rope((h @ layer["wk"]).reshape(batch_size, length, config.num_kv_heads, head_dim), positions)
-      v = (h @ layer["wv"]).reshape(batch_size, length, config.num_kv_heads, head_dim)
-      attended = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(batch_size, length, -1)
-      x = x + attended @ layer["wo"]
-      h = _rms_norm(x, layer["n2"])
-      x = x + (jax.nn.silu(h @ layer["w1"]) * (h @ layer["w3"])) @ layer["w2"]
-    logits = _rms_norm(x, params["norm"]) @ params["embed"].T
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+def plain_loss(config: ModelConfig, params: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """A textbook transformer forward in `config.dtype` (weights cast from their stored dtype, as ours does)."""
+  heads, head_dim, compute = config.num_heads, config.resolved_head_dim, jnp.dtype(config.dtype)
+  params = jax.tree.map(lambda p: p.astype(compute), params)
+  batch_size, length = inputs.shape
+  positions = jnp.arange(length)
+  x = params["embed"][inputs]
+  for layer in params["layers"]:
+    h = _rms_norm(x, layer["n1"])
+    q = rope.apply_rope((h @ layer["wq"]).reshape(batch_size, length, heads, head_dim), positions)
+    k = rope.apply_rope((h @ layer["wk"]).reshape(batch_size, length, config.num_kv_heads, head_dim), positions)
+    v = (h @ layer["wv"]).reshape(batch_size, length, config.num_kv_heads, head_dim)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(batch_size, length, -1)
+    x = x + attended @ layer["wo"]
+    h = _rms_norm(x, layer["n2"])
+    x = x + (jax.nn.silu(h @ layer["w1"]) * (h @ layer["w3"])) @ layer["w2"]
+  logits = jnp.matmul(_rms_norm(x, params["norm"]), params["embed"].T, preferred_element_type=jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def plain_stepper(config: ModelConfig, batch: dict) -> Callable[[], float]:
+  """A textbook transformer train step with the same shapes and dtypes: the baseline."""
+  tx = optax.adamw(1e-3)
 
   @jax.jit
   def step(state, batch):
     params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch["inputs"], batch["targets"])
+    loss, grads = jax.value_and_grad(lambda p: plain_loss(config, p, batch["inputs"], batch["targets"]))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  seconds, _ = _median_step_seconds(step, (params, tx.init(params)), batch, steps)
-  return seconds
+  params = plain_params(config)
+  return stepper(step, (params, tx.init(params)), batch)
 
 
 def main() -> None:
@@ -122,9 +148,11 @@ def main() -> None:
   for name in args.presets.split(","):
     config = presets.get(name, max_seq_len=max(args.seq, presets.get(name).max_seq_len), dtype=args.dtype)
     flops_per_token = flops.train_flops_per_token(config, args.seq)
-    ours = sparseformer_step_seconds(config, batch, args.steps)
-    dense = set(config.attention_pattern) == {"global"} and "moe" not in config.ffn_pattern
-    plain = plain_step_seconds(config, batch, args.steps) if dense else None
+    runners = {"ours": sparseformer_stepper(config, batch)}
+    if set(config.attention_pattern) == {"global"} and "moe" not in config.ffn_pattern:
+      runners["plain"] = plain_stepper(config, batch)
+    seconds = interleaved_median_seconds(runners, args.steps)
+    ours, plain = seconds["ours"], seconds.get("plain")
     rows.append({"preset": name, "flops_per_token": flops_per_token, "step_seconds": ours,
                  "plain_step_seconds": plain})
     peaks.append(measure_matmul_peak(args.dtype))
