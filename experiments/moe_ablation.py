@@ -11,12 +11,15 @@ tokens under ~1 % at capacity factor 1.25; `deepseek` (bias balancing, no aux lo
 MaxVio. Each run takes ~10 minutes on 2 CPU cores.
 """
 
+import dataclasses
+
 from sparseformer.models import presets
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig
 
-# Routed experts have the dense FFN's hidden size (512) divided by top_k, so active FFN FLOPs per token match
-# `dense`; `deepseek` adds a shared expert on top (640 active hidden units, +25 %).
+# Routed experts have the dense FFN's hidden size (512: `config` sets it, quickstart's default is 384) divided by
+# top_k, so active FFN FLOPs per token match `dense`; `deepseek` adds a shared expert on top (640 active hidden
+# units, +25 %).
 VARIANTS = {
     "dense": ["model.ffn_pattern=('dense',)"],
     "switch": ["model.ffn_pattern=('dense','moe')", "model.moe.num_experts=8", "model.moe.top_k=1",
@@ -34,7 +37,7 @@ VARIANTS = {
 
 
 def config() -> RunConfig:
-  return RunConfig(name="moe_ablation", model=presets.quickstart(),
+  return RunConfig(name="moe_ablation", model=dataclasses.replace(presets.quickstart(), mlp_hidden=512),
                    data=DataConfig(seq_len=256, batch_size=16, num_val_batches=8),
                    train=TrainConfig(steps=1000, learning_rate=3e-3, warmup_steps=100, log_every=20, eval_every=250,
                                      checkpoint_every=250, sample_tokens=200))

@@ -1,0 +1,146 @@
+"""The `sparseformer` command line in-process: exit codes and the output each command promises."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import pytest
+
+from sparseformer import experiments
+from sparseformer.train import cli, overrides
+from sparseformer.train.config import RunConfig
+
+# Shrinks the quickstart experiment to a run of a few seconds.
+TINY_SETTINGS = ["data.seq_len=32", "data.batch_size=4", "data.num_val_batches=1", "data.val_fraction=0.1",
+                 "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2",
+                 "train.steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
+                 "train.checkpoint_every=2", "train.sample_tokens=4", "train.progress_bar=False",
+                 "train.peak_flops=1e11"]
+
+
+def _set_flags(settings: list[str]) -> list[str]:
+  return [flag for setting in settings for flag in ("--set", setting)]
+
+
+@pytest.fixture(scope="module")
+def trained(text_corpus, tmp_path_factory):
+  """(workdir, exit code, stdout) of one tiny `sparseformer train` run, shared by this file's tests."""
+  root = tmp_path_factory.mktemp("cli")
+  workdir = str(root / "run")
+  settings = TINY_SETTINGS + [f"data.path={text_corpus}", f"data.cache_dir={root / 'cache'}"]
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    code = cli.main(["train", "--experiment", "quickstart", "--workdir", workdir] + _set_flags(settings))
+  return workdir, code, stdout.getvalue(), settings
+
+
+def test_experiments_lists_every_experiment_with_its_command(capsys):
+  assert cli.main(["experiments"]) == 0
+  out = capsys.readouterr().out
+  assert experiments.names()
+  for name in experiments.names():
+    assert f"== {name}\n" in out
+    assert f"sparseformer train --experiment {name}" in out
+    grid = experiments.variants(name)
+    if grid:
+      assert f"variants: {', '.join(grid)}" in out
+
+
+def test_show_config_prints_json_with_the_override(capsys):
+  assert cli.main(["show-config", "--experiment", "quickstart", "--set", "train.steps=7",
+                   "--set", "model.attention_pattern=('local','global')"]) == 0
+  shown = json.loads(capsys.readouterr().out)
+  assert shown["train"]["steps"] == 7 and shown["model"]["attention_pattern"] == ["local", "global"]
+  want = overrides.apply_overrides(experiments.get("quickstart"),
+                                   ["train.steps=7", "model.attention_pattern=('local','global')"])
+  assert overrides.from_dict(RunConfig, shown) == want  # nothing else changed
+
+
+def test_show_config_unknown_field_exits_2_naming_close_matches(capsys):
+  assert cli.main(["show-config", "--set", "train.stepz=3"]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert "sparseformer show-config: error: Unknown config field 'train.stepz'" in captured.err
+  assert "train.steps" in captured.err
+
+
+def test_show_config_applies_a_variant(capsys):
+  assert cli.main(["show-config", "--experiment", "moe_ablation", "--variant", "switch"]) == 0
+  shown = json.loads(capsys.readouterr().out)
+  assert shown["name"] == "moe_ablation-switch"
+  assert shown["model"]["ffn_pattern"] == ["dense", "moe"]
+  assert (shown["model"]["moe"]["num_experts"], shown["model"]["moe"]["top_k"]) == (8, 1)
+
+
+def test_unknown_variant_or_experiment_exits_2_naming_the_choices(capsys):
+  assert cli.main(["show-config", "--experiment", "moe_ablation", "--variant", "swich"]) == 2
+  err = capsys.readouterr().err
+  assert "no variant 'swich'" in err
+  for variant in experiments.variants("moe_ablation"):
+    assert repr(variant) in err
+  assert cli.main(["train", "--experiment", "quikstart", "--workdir", "unused"]) == 2
+  err = capsys.readouterr().err
+  assert "sparseformer train: error: Unknown experiment 'quikstart'. Did you mean quickstart?" in err
+  assert not os.path.exists("unused")
+
+
+def test_train_reports_validation_sample_and_where_things_went(trained):
+  workdir, code, out, _ = trained
+  assert code == 0, out
+  assert "Validation at step 2: loss" in out and "bits per byte" in out
+  assert "Sample (prompt 'def '" in out
+  assert f"Logs: {os.path.join(workdir, 'metrics.jsonl')}" in out
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as file:
+    assert json.load(file)["train"]["steps"] == 2
+
+
+def test_eval_prints_json_with_loss_and_bits_per_byte(trained, capsys):
+  workdir, code, _, _ = trained
+  assert code == 0
+  assert cli.main(["eval", "--workdir", workdir]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["step"] == 2
+  assert result["loss"] > 0 and result["bits_per_byte"] > 0
+  assert result["bits_per_byte"] == pytest.approx(result["loss"] / 0.6931471805599453, rel=0.05)
+
+
+def test_sample_prints_the_prompt_and_its_continuation(trained, capsys):
+  workdir, code, _, _ = trained
+  assert code == 0
+  # The default temperature and top-k are those of the sample `train` printed: its compiled step is reused.
+  assert cli.main(["sample", "--workdir", workdir, "--prompt", "def ", "--tokens", "8"]) == 0
+  lines = capsys.readouterr().out.split("\n", 1)
+  assert lines[0].startswith("Resumed from step 2")
+  text = lines[1].removesuffix("\n")
+  assert text.startswith("def ")
+  assert 0 < len(text) - len("def ") <= 8  # 8 byte tokens; a special id adds nothing
+
+
+def test_eval_of_a_missing_or_untrained_workdir(trained, tmp_path, capsys):
+  missing = str(tmp_path / "nowhere")
+  assert cli.main(["eval", "--workdir", missing]) == 2
+  err = capsys.readouterr().err
+  assert f"sparseformer eval: error: {os.path.join(missing, 'config.json')} not found" in err
+  assert "--workdir must be the directory of a training run" in err
+  # A config but no checkpoint: a CheckpointError, exit 1.
+  workdir, code, _, _ = trained
+  assert code == 0
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), untrained / "config.json")
+  assert cli.main(["eval", "--workdir", str(untrained)]) == 1
+  err = capsys.readouterr().err
+  assert "sparseformer eval: CheckpointError: No checkpoint in" in err and "train first" in err
+
+
+def test_train_refuses_a_workdir_holding_another_run(trained, capsys):
+  workdir, code, _, settings = trained
+  assert code == 0
+  before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
+  assert cli.main(["train", "--workdir", workdir] + _set_flags(settings + ["model.d_model=64"])) == 2
+  err = capsys.readouterr().err
+  assert "holds a run with a different config (model.d_model)" in err
+  assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
