@@ -43,8 +43,9 @@ class TrainConfig:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}.")
     if not 0 <= self.min_lr_ratio <= 1:
       raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
-    if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-      raise ValueError("train.warmup_steps, train.eval_every, train.grad_clip and train.weight_decay must be >= 0.")
+    for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,10 @@ from sparseformer.train.mesh import MeshConfig
     (dict(learning_rate=-1e-3), r"train.learning_rate must be positive"),
     (dict(min_lr_ratio=1.5), r"train.min_lr_ratio must lie in \[0, 1\], got 1.5"),
     (dict(min_lr_ratio=-0.1), r"train.min_lr_ratio must lie in \[0, 1\]"),
-    (dict(warmup_steps=-1), r"train.warmup_steps"),
-    (dict(eval_every=-1), r"train.eval_every"),
-    (dict(grad_clip=-1.0), r"train.grad_clip"),
-    (dict(weight_decay=-0.1), r"train.weight_decay"),
+    (dict(warmup_steps=-1), r"train.warmup_steps must be >= 0, got -1\."),
+    (dict(eval_every=-1), r"train.eval_every must be >= 0, got -1\."),
+    (dict(grad_clip=-1.0), r"train.grad_clip must be >= 0, got -1.0"),
+    (dict(weight_decay=-0.1), r"train.weight_decay must be >= 0, got -0.1"),
 ])
 def test_bad_train_config_is_rejected_naming_the_field(changes, message):
   with pytest.raises(ValueError, match=message):
