@@ -31,7 +31,11 @@ class RouterBias(nnx.Variable):
 
 
 class RouterLoad(nnx.Variable):
-  """Per-expert load fractions [E] (float32) of the global batch, written by the last forward pass."""
+  """Per-expert load fractions [E] (float32) of the global batch, written by each forward pass.
+
+  Under gradient accumulation the train step replaces it by its mean over the micro-batches (the
+  load of the whole batch) before the bias update reads it.
+  """
 
 
 class TopK(NamedTuple):
@@ -113,25 +117,33 @@ def normalize_gates(picked_scores: jax.Array, picked_logits: jax.Array, gate_nor
 
 
 class Routing(NamedTuple):
-  """Token-choice routing of N tokens to k of E experts (all float32 / int32)."""
+  """Token-choice routing of N tokens to k of E experts (all float32 / int32 / bool)."""
 
   logits: jax.Array  # [N, E]
   scores: jax.Array  # [N, E] softmax or sigmoid scores
-  expert_index: jax.Array  # [N, k] int32, the picked experts
-  gates: jax.Array  # [N, k] combine weights (normalised, scaled)
+  expert_index: jax.Array  # [N, k] int32, the picked experts (filler where not valid)
+  gates: jax.Array  # [N, k] combine weights (normalised over the valid picks, scaled); 0 where not valid
+  valid: jax.Array  # [N, k] bool: False for filler picks (fewer than k experts allowed); no gate, no slot, no load
 
 
 def route_token_choice(logits: jax.Array, k: int, *, score_function: str = "softmax",
                        gate_norm: str = "topk", route_scale: float = 1.0,
-                       bias: jax.Array | None = None, n_groups: int = 1,
+                       bias: jax.Array | None = None, valid: jax.Array | None = None, n_groups: int = 1,
                        topk_groups: int = 1) -> Routing:
-  """Each token picks its top-k experts; gates are differentiable in `logits`, indices are not."""
+  """Each token picks its top-k experts; gates are differentiable in `logits`, indices are not.
+
+  `valid` [N, E] bool (broadcastable) says which experts a token may pick; experts biased down to
+  the masked level (a bias <= -5e29) count as excluded too. A token with fewer than k allowed
+  experts gets filler picks with `Routing.valid` False and gate 0; the gates of its valid picks are
+  normalised among themselves.
+  """
   logits = logits.astype(jnp.float32)
   scores = router_scores(logits, score_function)
-  picked = top_k_select(scores, k, bias=bias, n_groups=n_groups, topk_groups=topk_groups)
-  picked_logits = jnp.take_along_axis(logits, picked.indices, axis=-1)
-  gates = normalize_gates(picked.values, picked_logits, gate_norm, route_scale)
-  return Routing(logits, scores, picked.indices, gates)
+  picked = top_k_select(scores, k, bias=bias, valid=valid, n_groups=n_groups, topk_groups=topk_groups)
+  picked_scores = jnp.where(picked.valid, picked.values, 0.0)
+  picked_logits = jnp.where(picked.valid, jnp.take_along_axis(logits, picked.indices, axis=-1), _MASKED)
+  gates = normalize_gates(picked_scores, picked_logits, gate_norm, route_scale)
+  return Routing(logits, scores, picked.indices, jnp.where(picked.valid, gates, 0.0), picked.valid)
 
 
 def expert_capacity(group_size: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -157,32 +169,41 @@ def expert_choice_select(scores: jax.Array, capacity: int, route_scale: float = 
 # ----------------------------------------------------------------------------- statistics and losses
 
 
-def expert_load(expert_index: jax.Array, num_experts: int) -> jax.Array:
-  """Fraction of the (token, pick) assignments that go to each expert: [E] float32, sums to 1."""
+def expert_load(expert_index: jax.Array, num_experts: int, valid: jax.Array | None = None) -> jax.Array:
+  """Fraction of the (token, pick) assignments that go to each expert: [E] float32, sums to 1.
+
+  `valid` (bool, expert_index's shape) leaves filler picks out of the count (all zeros when none is valid).
+  """
   one_hot = jax.nn.one_hot(expert_index.reshape(-1), num_experts, dtype=jnp.float32)
-  return one_hot.mean(0)
+  if valid is None:
+    return one_hot.mean(0)
+  weight = valid.reshape(-1, 1).astype(jnp.float32)
+  return (one_hot * weight).sum(0) / jnp.maximum(weight.sum(), 1.0)
 
 
-def load_balance_loss(probs: jax.Array, expert_index: jax.Array, *, alpha: float = 1.0) -> jax.Array:
+def load_balance_loss(probs: jax.Array, expert_index: jax.Array, *, alpha: float = 1.0,
+                      valid: jax.Array | None = None) -> jax.Array:
   """Switch load-balance loss alpha * E * sum_i f_i * P_i.
 
   probs: [N, E] per-token routing distribution (`score_distribution` of the
-  scores); expert_index: [N, k]. f_i = share of the assignments sent to expert
-  i (`expert_load`, no gradient), P_i = mean probability of expert i. Equals
-  alpha under perfectly uniform routing and grows with imbalance (up to alpha * E).
+  scores); expert_index: [N, k]. f_i = share of the (valid) assignments sent to
+  expert i (`expert_load`, no gradient), P_i = mean probability of expert i.
+  Equals alpha under perfectly uniform routing and grows with imbalance (up to alpha * E).
   """
   num_experts = probs.shape[-1]
-  load = jax.lax.stop_gradient(expert_load(expert_index, num_experts))
+  load = jax.lax.stop_gradient(expert_load(expert_index, num_experts, valid))
   mean_prob = probs.reshape(-1, num_experts).astype(jnp.float32).mean(0)
   return alpha * num_experts * jnp.sum(load * mean_prob)
 
 
-def sequence_balance_loss(probs: jax.Array, expert_index: jax.Array, *, alpha: float = 1.0) -> jax.Array:
+def sequence_balance_loss(probs: jax.Array, expert_index: jax.Array, *, alpha: float = 1.0,
+                          valid: jax.Array | None = None) -> jax.Array:
   """DeepSeek-V3 sequence-wise balance loss: the load-balance loss per sequence, averaged.
 
-  probs: [B, T, E], expert_index: [B, T, k]. Equals alpha when every sequence is balanced.
+  probs: [B, T, E], expert_index (and valid): [B, T, k]. Equals alpha when every sequence is balanced.
   """
-  per_sequence = jax.vmap(lambda p, i: load_balance_loss(p, i, alpha=alpha))(probs, expert_index)
+  valid = jnp.ones(expert_index.shape, bool) if valid is None else valid
+  per_sequence = jax.vmap(lambda p, i, v: load_balance_loss(p, i, alpha=alpha, valid=v))(probs, expert_index, valid)
   return per_sequence.mean()
 
 

@@ -3,7 +3,7 @@
 Two families, both written for the tokens held by one device (the expert-parallel
 wrappers in moe_parallel.py swap in the cross-device expert step):
 
-- dropless (`dropless_dispatch`): the N*k (token, expert) pairs are sorted by
+- dropless (`dropless_dispatch`): the N*k (token, expert) pairs (the valid ones) are sorted by
   expert, gathered into rows, run through a grouped SwiGLU `rows_fn(x_sorted,
   group_sizes)` (moe_grouped.py), un-sorted and summed with their gates.
 - capacity (`token_choice_capacity`, `expert_choice_dispatch`): tokens are split
@@ -44,15 +44,19 @@ def _combine_pairs(y_pairs: jax.Array, gates: jax.Array, dtype) -> jax.Array:
 # ----------------------------------------------------------------------------- dropless
 
 
-def sort_by_expert(expert_index: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+def sort_by_expert(expert_index: jax.Array, num_experts: int, valid: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """Stable sort of the flattened (token, pick) pairs by expert.
 
   expert_index [N, k] -> order [N*k] (pair id at each sorted position) and
-  group_sizes [E] int32 (pairs per expert).
+  group_sizes [E] int32 (pairs per expert). Pairs with `valid` [N, k] False sort
+  last and are in no group: padding rows of the grouped SwiGLU.
   """
   flat = expert_index.reshape(-1)
+  if valid is not None:
+    flat = jnp.where(valid.reshape(-1), flat, num_experts)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
   return order, group_sizes
 
 
@@ -62,10 +66,13 @@ def inverse_permutation(order: jax.Array) -> jax.Array:
 
 
 def dropless_dispatch(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int,
-                      rows_fn: RowsFn) -> jax.Array:
-  """Every pair computed: x [N, D], expert_index / gates [N, k] -> y [N, D] in x's dtype."""
+                      rows_fn: RowsFn, valid: jax.Array | None = None) -> jax.Array:
+  """Every valid pair computed: x [N, D], expert_index / gates / valid [N, k] -> y [N, D] in x's dtype.
+
+  Pairs with `valid` False are left out (padding rows, output 0).
+  """
   num_tokens, k = expert_index.shape
-  order, group_sizes = sort_by_expert(expert_index, num_experts)
+  order, group_sizes = sort_by_expert(expert_index, num_experts, valid)
   x_sorted = x[order // k]  # [N*k, D]
   y_sorted = rows_fn(x_sorted, group_sizes)
   y_pairs = y_sorted[inverse_permutation(order)].reshape(num_tokens, k, -1)
@@ -75,30 +82,33 @@ def dropless_dispatch(x: jax.Array, expert_index: jax.Array, gates: jax.Array, n
 # ----------------------------------------------------------------------------- capacity
 
 
-def capacity_slots(expert_index: jax.Array, num_experts: int, capacity: int
+def capacity_slots(expert_index: jax.Array, num_experts: int, capacity: int, valid: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """Token-choice slot assignment with dropping.
 
   expert_index [G, S, k] -> slot_pair [G, E, C] int32 (index t*k + j of the
   pair filling the slot, S*k when empty) and kept [G, S, k] bool. Pairs take
   slots in token-major order; a pair whose expert already has C pairs is dropped.
+  A pair with `valid` [G, S, k] False takes no slot (and is not kept).
   """
   groups, group_size, k = expert_index.shape
   num_pairs = group_size * k
+  valid = jnp.ones(expert_index.shape, bool) if valid is None else valid
 
-  def one_group(flat):  # [S*k] -> slot_pair [E*C], kept [S*k]
+  def one_group(flat, flat_valid):  # [S*k] -> slot_pair [E*C], kept [S*k]
+    flat = jnp.where(flat_valid, flat, num_experts)  # invalid pairs queue at a phantom expert E
     order = jnp.argsort(flat, stable=True)
     sorted_expert = flat[order]
-    counts = jnp.bincount(flat, length=num_experts)
+    counts = jnp.bincount(flat, length=num_experts + 1)
     rank = jnp.arange(num_pairs) - (jnp.cumsum(counts) - counts)[sorted_expert]
     position = jnp.zeros_like(rank).at[order].set(rank)
-    kept = position < capacity
+    kept = flat_valid & (position < capacity)
     slot = jnp.where(kept, flat * capacity + position, num_experts * capacity)  # last = trash
     slot_pair = jnp.full((num_experts * capacity + 1,), num_pairs, jnp.int32)
     slot_pair = slot_pair.at[slot].set(jnp.arange(num_pairs, dtype=jnp.int32), mode="drop")
     return slot_pair[:-1], kept
 
-  slot_pair, kept = jax.vmap(one_group)(expert_index.reshape(groups, num_pairs))
+  slot_pair, kept = jax.vmap(one_group)(expert_index.reshape(groups, num_pairs), valid.reshape(groups, num_pairs))
   return slot_pair.reshape(groups, num_experts, capacity), kept.reshape(groups, group_size, k)
 
 
@@ -132,12 +142,16 @@ def _groups(num_tokens: int, group_size: int) -> int:
 
 
 def token_choice_capacity(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int,
-                          *, group_size: int, capacity: int, form: str, buffer_fn: BufferFn
-                          ) -> tuple[jax.Array, jax.Array]:
-  """Capacity-limited token choice: x [N, D], expert_index / gates [N, k] -> y [N, D], kept [N, k]."""
+                          *, group_size: int, capacity: int, form: str, buffer_fn: BufferFn,
+                          valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Capacity-limited token choice: x [N, D], expert_index / gates / valid [N, k] -> y [N, D], kept [N, k].
+
+  Pairs with `valid` False (filler picks) take no slot and are not kept.
+  """
   num_tokens, k = expert_index.shape
   groups = _groups(num_tokens, group_size)
-  slot_pair, kept = capacity_slots(expert_index.reshape(groups, group_size, k), num_experts, capacity)
+  valid_groups = None if valid is None else valid.reshape(groups, group_size, k)
+  slot_pair, kept = capacity_slots(expert_index.reshape(groups, group_size, k), num_experts, capacity, valid_groups)
   gates_padded = jnp.pad(gates.reshape(groups, group_size * k), ((0, 0), (0, 1)))  # empty slot -> 0
   slot_gate = jax.vmap(lambda gg, pg: gg[pg])(gates_padded, slot_pair)
   slot_token = slot_pair // k  # empty (S*k) -> S

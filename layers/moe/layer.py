@@ -16,7 +16,7 @@ Integration:
 `aux` holds float32 arrays: "aux_loss" (alpha * load balance + z_loss_coef *
 z-loss + seq_aux_loss_alpha * sequence-wise loss) and metrics, all over the
 global batch: "load_balance_loss" / "seq_balance_loss" (unweighted, 1.0 =
-balanced), "z_loss" (unweighted), "dropped_fraction" (share of (token, pick)
+balanced), "z_loss" (unweighted), "dropped_fraction" (share of the valid (token, pick)
 pairs dropped; expert choice: share of tokens no expert took), "max_violation",
 "router_entropy" (normalised to [0, 1]), "expert_load" [E] and, with
 selection_bias, "bias_range" (max - min bias).
@@ -115,17 +115,18 @@ class MoEFeedForward(nnx.Module):
           logits, k, score_function=config.score_function, gate_norm=config.gate_norm,
           route_scale=config.route_scale, bias=self.router.selection_bias(), n_groups=config.n_groups,
           topk_groups=config.topk_groups)
-      scores, expert_index = routed.scores, routed.expert_index
+      scores, expert_index, valid = routed.scores, routed.expert_index, routed.valid
       capacity = routing.expert_capacity(group_size, k, num_experts, config.capacity_factor)
       options = dict(num_experts=num_experts, dispatch=config.dispatch, grouped_options=config.grouped_options,
-                     group_size=group_size, capacity=capacity)
+                     group_size=group_size, capacity=capacity, valid=valid)
       if plan is None:
         y, kept = moe_parallel.local_token_choice(x_flat, expert_index, routed.gates, weights, **options)
       else:
         y, kept = moe_parallel.sharded_token_choice(x_flat, expert_index, routed.gates, weights, plan=plan,
                                                     **options)
-      load = routing.expert_load(expert_index, num_experts)
-      dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
+      load = routing.expert_load(expert_index, num_experts, valid)
+      # Share of the valid pairs dropped (filler picks are neither kept nor dropped).
+      dropped_fraction = 1.0 - jnp.sum(kept) / jnp.maximum(jnp.sum(valid), 1)
     else:
       if (batch * length) % group_size:
         raise ValueError(f"expert_choice: {batch * length} tokens do not split into groups of {group_size}; "
@@ -142,6 +143,7 @@ class MoEFeedForward(nnx.Module):
       # Pseudo assignments (one per filled slot) give the same statistics as token choice.
       expert_index = jnp.broadcast_to(jnp.arange(num_experts)[:, None], slot_token.shape[1:])
       load = routing.expert_load(expert_index, num_experts)
+      valid = None
       taken = jax.vmap(lambda t: jnp.zeros(group_size + 1, bool).at[t.reshape(-1)].set(True))(slot_token)
       dropped_fraction = 1.0 - jnp.mean(taken[:, :group_size].astype(jnp.float32))
 
@@ -151,10 +153,10 @@ class MoEFeedForward(nnx.Module):
       y = y + shared
     load = jax.lax.stop_gradient(load)
     self.router.load[...] = load
-    aux = self._losses_and_metrics(logits, scores, expert_index, load, dropped_fraction, batch)
+    aux = self._losses_and_metrics(logits, scores, expert_index, valid, load, dropped_fraction, batch)
     return y.reshape(batch, length, dim).astype(self.dtype), aux
 
-  def _losses_and_metrics(self, logits, scores, expert_index, load, dropped_fraction, batch):
+  def _losses_and_metrics(self, logits, scores, expert_index, valid, load, dropped_fraction, batch):
     config = self.config
     probs = routing.score_distribution(scores)
     z_loss = routing.router_z_loss(logits)
@@ -162,9 +164,10 @@ class MoEFeedForward(nnx.Module):
                max_violation=routing.max_violation(load), router_entropy=routing.normalized_entropy(probs))
     aux_loss = config.z_loss_coef * z_loss
     if config.routing == "token_choice":
-      balance = routing.load_balance_loss(probs, expert_index)
-      seq_balance = routing.sequence_balance_loss(probs.reshape(batch, -1, probs.shape[-1]),
-                                                  expert_index.reshape(batch, -1, expert_index.shape[-1]))
+      balance = routing.load_balance_loss(probs, expert_index, valid=valid)
+      per_sequence = lambda a: a.reshape(batch, -1, a.shape[-1])
+      seq_balance = routing.sequence_balance_loss(per_sequence(probs), per_sequence(expert_index),
+                                                  valid=per_sequence(valid))
       aux.update(load_balance_loss=balance, seq_balance_loss=seq_balance)
       aux_loss = aux_loss + config.aux_loss_alpha * balance + config.seq_aux_loss_alpha * seq_balance
     if self.router.bias is not None:

@@ -177,24 +177,27 @@ def _check_tokens(num, plan, what):
 
 
 def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParallelPlan, num_experts: int,
-                         dispatch: str, grouped_options: dict, group_size: int, capacity: int):
-  """Token-choice dispatch of x [N, D] under `plan`: returns y [N, D] and kept [N, k] (all True if dropless)."""
+                         dispatch: str, grouped_options: dict, group_size: int, capacity: int, valid=None):
+  """Token-choice dispatch of x [N, D] under `plan`: returns y [N, D] and kept [N, k] (= valid if dropless).
+
+  valid [N, k] bool (default all True): pairs with valid False get no slot and no output.
+  """
   _check_tokens(x.shape[0], plan, "tokens")
   tokens = P(plan.token_axes or None, None)
+  valid = jnp.ones(expert_index.shape, bool) if valid is None else valid
 
-  def local(x, expert_index, gates, *weights):
+  def local(x, expert_index, gates, valid, *weights):
     if dispatch.startswith("dropless"):
       make = expert_parallel_rows_fn if plan.expert_axis else local_rows_fn
       rows_fn = make(weights, dispatch, grouped_options, plan)
-      y = moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn)
-      return y, jnp.ones(expert_index.shape, bool)
+      return moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn, valid), valid
     make = expert_parallel_buffer_fn if plan.expert_axis else local_buffer_fn
     return moe_dispatch.token_choice_capacity(
         x, expert_index, gates, num_experts, group_size=group_size, capacity=capacity,
-        form=dispatch.removeprefix("capacity_"), buffer_fn=make(weights, plan))
+        form=dispatch.removeprefix("capacity_"), buffer_fn=make(weights, plan), valid=valid)
 
-  specs = (tokens, tokens, tokens, *_weight_specs(plan))
-  args = _to_specs((x, expert_index, gates, *weights), specs, plan)
+  specs = (tokens, tokens, tokens, tokens, *_weight_specs(plan))
+  args = _to_specs((x, expert_index, gates, valid, *weights), specs, plan)
   return jax.shard_map(local, mesh=plan.mesh, in_specs=specs, out_specs=(tokens, tokens))(*args)
 
 
@@ -214,15 +217,15 @@ def sharded_expert_choice(x, slot_token, slot_gate, weights, *, plan: ExpertPara
 
 
 def local_token_choice(x, expert_index, gates, weights, *, num_experts: int, dispatch: str,
-                       grouped_options: dict, group_size: int, capacity: int):
-  """The same dispatch on one device (no mesh): y [N, D], kept [N, k]."""
+                       grouped_options: dict, group_size: int, capacity: int, valid=None):
+  """The same dispatch on one device (no mesh): y [N, D], kept [N, k] (valid as in sharded_token_choice)."""
+  valid = jnp.ones(expert_index.shape, bool) if valid is None else valid
   if dispatch.startswith("dropless"):
     rows_fn = local_rows_fn(weights, dispatch, grouped_options)
-    y = moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn)
-    return y, jnp.ones(expert_index.shape, bool)
+    return moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn, valid), valid
   return moe_dispatch.token_choice_capacity(
       x, expert_index, gates, num_experts, group_size=group_size, capacity=capacity,
-      form=dispatch.removeprefix("capacity_"), buffer_fn=local_buffer_fn(weights))
+      form=dispatch.removeprefix("capacity_"), buffer_fn=local_buffer_fn(weights), valid=valid)
 
 
 def local_expert_choice(x, slot_token, slot_gate, weights, *, form: str):

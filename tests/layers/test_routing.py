@@ -195,3 +195,67 @@ def test_router_module_float32_jitter_and_metadata():
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
   want = np.asarray(x, np.float32) @ np.asarray(router.weight[...], np.float32)
   np.testing.assert_allclose(np.asarray(eval_a), want, rtol=1e-5, atol=1e-6)
+
+
+def _np_masked_gates(logits, allowed, k, score_function, gate_norm):
+  """Reference gates: top-k among the allowed experts, normalised over the allowed picks, 0 for filler."""
+  exp = np.exp(logits - logits.max(-1, keepdims=True))
+  scores = 1 / (1 + np.exp(-logits)) if score_function == "sigmoid" else exp / exp.sum(-1, keepdims=True)
+  gates = np.zeros((logits.shape[0], k), np.float64)
+  valid = np.zeros((logits.shape[0], k), bool)
+  for n in range(logits.shape[0]):
+    picks = [e for e in np.argsort(-np.where(allowed[n], scores[n], -np.inf), kind="stable")[:k] if allowed[n, e]]
+    valid[n, :len(picks)] = True
+    if not picks:
+      continue
+    if gate_norm == "none":
+      gates[n, :len(picks)] = scores[n, picks]
+    elif gate_norm == "topk":
+      gates[n, :len(picks)] = scores[n, picks] / scores[n, picks].sum()
+    else:
+      picked = np.exp(logits[n, picks] - logits[n, picks].max())
+      gates[n, :len(picks)] = picked / picked.sum()
+  return gates, valid
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("gate_norm", ["none", "topk", "softmax_topk"])
+def test_route_token_choice_filler_picks_are_invalid_with_zero_gate(score_function, gate_norm):
+  """Tokens with fewer than k allowed experts (mask or a masking bias): filler picks get valid False, gate 0."""
+  rng = np.random.default_rng(0)
+  num_tokens, num_experts, k = 24, 6, 3
+  logits = rng.normal(size=(num_tokens, num_experts)).astype(np.float32)
+  allowed = rng.random((num_tokens, num_experts)) < 0.4
+  allowed[0], allowed[1] = False, True  # no expert at all; every expert
+  got = routing.route_token_choice(jnp.asarray(logits), k, score_function=score_function, gate_norm=gate_norm,
+                                   valid=jnp.asarray(allowed))
+  want_gates, want_valid = _np_masked_gates(logits.astype(np.float64), allowed, k, score_function, gate_norm)
+  assert (~want_valid).any() and want_valid.any()
+  gates = np.asarray(got.gates)
+  assert not np.isnan(gates).any()
+  np.testing.assert_array_equal(np.asarray(got.valid), want_valid)
+  np.testing.assert_allclose(gates, want_gates, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("gate_norm", ["none", "topk", "softmax_topk"])
+def test_route_token_choice_masking_bias_leaves_filler_picks(score_function, gate_norm):
+  """Banning experts by a selection bias at the masked level: three experts left for four picks."""
+  logits = np.random.default_rng(1).normal(size=(24, 6)).astype(np.float32)
+  banned = np.asarray([0, -1e30, 0, -1e30, -1e30, 0], np.float32)
+  got = routing.route_token_choice(jnp.asarray(logits), 4, score_function=score_function, gate_norm=gate_norm,
+                                   bias=jnp.asarray(banned))
+  want_gates, want_valid = _np_masked_gates(logits.astype(np.float64), np.broadcast_to(banned == 0, logits.shape),
+                                            4, score_function, gate_norm)
+  assert not np.isnan(np.asarray(got.gates)).any()
+  np.testing.assert_allclose(np.asarray(got.gates), want_gates, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(got.valid), want_valid)
+
+
+def test_expert_load_and_balance_loss_skip_invalid_picks():
+  expert_index = jnp.asarray([[0, 1], [2, 0], [3, 3]])
+  valid = jnp.asarray([[True, True], [True, False], [True, False]])
+  np.testing.assert_allclose(np.asarray(routing.expert_load(expert_index, 4, valid)), [0.25, 0.25, 0.25, 0.25])
+  np.testing.assert_allclose(np.asarray(routing.expert_load(expert_index, 4, jnp.zeros((3, 2), bool))), 0.0)
+  probs = jnp.full((3, 4), 0.25)
+  np.testing.assert_allclose(float(routing.load_balance_loss(probs, expert_index, valid=valid)), 1.0, rtol=1e-6)

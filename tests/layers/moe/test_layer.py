@@ -41,14 +41,17 @@ def naive_moe(x, expert_index, gates, w_gate, w_up, w_down, kept=None):
   return y
 
 
-def naive_kept(expert_index, capacity, group_size):
-  """Reference drop rule: per group, (token, pick) pairs take slots in token-major order."""
+def naive_kept(expert_index, capacity, group_size, valid=None):
+  """Reference drop rule: per group, (token, pick) pairs take slots in token-major order; invalid ones take none."""
   expert_index = np.asarray(expert_index)
+  valid = np.ones(expert_index.shape, bool) if valid is None else np.asarray(valid)
   kept = np.zeros(expert_index.shape, bool)
   for start in range(0, expert_index.shape[0], group_size):
     used = {}
     for token in range(start, start + group_size):
       for pick, expert in enumerate(expert_index[token]):
+        if not valid[token, pick]:
+          continue
         used[expert] = used.get(expert, 0) + 1
         kept[token, pick] = used[expert] <= capacity
   return kept
@@ -82,10 +85,10 @@ VARIANTS = {
 @functools.cache
 def _dispatch_value_and_grad(variant, num_experts, group_size, capacity):
   dispatch, grouped_options = VARIANTS[variant]
-  def loss(x, gates, weights, expert_index, cotangent):
+  def loss(x, gates, weights, expert_index, cotangent, valid=None):
     y, kept = moe_parallel.local_token_choice(
         x, expert_index, gates, weights, num_experts=num_experts, dispatch=dispatch,
-        grouped_options=dict(grouped_options), group_size=group_size, capacity=capacity)
+        grouped_options=dict(grouped_options), group_size=group_size, capacity=capacity, valid=valid)
     return jnp.sum(y * cotangent), (y, kept)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -137,6 +140,52 @@ def test_capacity_drops_match_reference(variant, seed):
   assert not want_kept.all()  # the test does drop something
   want_value, want_grads = _reference_value_and_grad(x, expert_index, gates, weights, cotangent, want_kept)
   _assert_close((value, grads), (want_value, want_grads))
+
+
+@pytest.mark.parametrize("variant", [v if v in ("capacity_scatter", "gather_loop", "ragged_dot") else
+                                     pytest.param(v, marks=SLOW) for v in sorted(VARIANTS)])
+@SETTINGS
+@hypothesis.given(seed=st.integers(0, 2**31 - 1))
+def test_invalid_pairs_take_no_slot_and_no_output(variant, seed):
+  """Filler picks (valid False, gate left nonzero here) are not computed and free their capacity slot."""
+  x, expert_index, gates, weights, cotangent = _random_problem(seed, k=2, skew=0.7)
+  valid = np.random.default_rng(seed).random(expert_index.shape) < 0.7
+  num_experts, group_size = weights[0].shape[0], 16
+  capacity = 3 if variant.startswith("capacity") else group_size * 2
+  fn = _dispatch_value_and_grad(variant, num_experts, group_size, capacity)
+  (value, (y, kept)), grads = fn(x, gates, weights, jnp.asarray(expert_index), cotangent, jnp.asarray(valid))
+  want_kept = naive_kept(expert_index, capacity, group_size, valid)
+  np.testing.assert_array_equal(np.asarray(kept), want_kept)
+  want_value, want_grads = _reference_value_and_grad(x, expert_index, gates, weights, cotangent, want_kept)
+  _assert_close((value, grads), (want_value, want_grads))
+
+
+@pytest.mark.parametrize("dispatch", ["capacity_scatter", "dropless_gather"])
+def test_layer_filler_picks_get_no_gate_slot_or_load(dispatch):
+  """Experts banned by a masking bias leave a token fewer than k picks: the fillers must not count anywhere."""
+  config = MoEConfig(num_experts=4, top_k=3, expert_hidden=8, selection_bias=True, dispatch=dispatch,
+                     capacity_factor=0.5, aux_loss_alpha=0.0)
+  layer = _layer(config)
+  banned = np.asarray([False, True, False, True])
+  layer.router.bias[...] = jnp.where(jnp.asarray(banned), -1e30, 0.0)
+  x = jax.random.normal(jax.random.key(8), (2, 8, 16))
+  y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
+  logits = np.asarray(x, np.float64).reshape(16, 16) @ np.asarray(layer.router.weight[...], np.float64)
+  scores = np.exp(logits - logits.max(-1, keepdims=True))
+  scores /= scores.sum(-1, keepdims=True)
+  allowed_scores = np.where(banned, -np.inf, scores)
+  expert_index = np.argsort(-allowed_scores, axis=-1, kind="stable")[:, :2]  # the two allowed experts
+  gates = np.take_along_axis(scores, expert_index, -1)
+  gates /= gates.sum(-1, keepdims=True)
+  kept = naive_kept(expert_index, routing.expert_capacity(8, 3, 4, 0.5), 8) if dispatch != "dropless_gather" else None
+  weights = tuple(w[...] for w in (layer.w_gate, layer.w_up, layer.w_down))
+  want = naive_moe(x.reshape(16, 16), jnp.asarray(expert_index), jnp.asarray(gates, jnp.float32), *weights,
+                   kept=None if kept is None else jnp.asarray(kept))
+  _assert_close(y.reshape(16, 16), want)
+  load = np.asarray(aux["expert_load"])
+  np.testing.assert_allclose(load, np.bincount(expert_index.reshape(-1), minlength=4) / 32, atol=1e-7)
+  want_dropped = 0.0 if kept is None else 1.0 - kept.mean()
+  np.testing.assert_allclose(float(aux["dropped_fraction"]), want_dropped, atol=1e-6)
 
 
 @pytest.mark.parametrize("schedule", ["loop", "batched"])
@@ -297,13 +346,65 @@ def test_shapes_dtypes_metadata_and_fine_grained_experts():
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("name", [n if n == "deepseek_v3" else pytest.param(n, marks=SLOW) for n in sorted(PRESETS)])
-def test_presets_build_and_run_small(name):
+def _naive_layer(config, params, x, kept):
+  """Reference MoE layer on x [N, D]: routing (the pure function), the expert loop, the shared SwiGLU.
+
+  params: router weight and bias, w_gate, w_up, w_down, shared (a tuple or None); kept [N, k] from `naive_kept`.
+  """
+  router_weight, bias, w_gate, w_up, w_down, shared = params
+  routed = routing.route_token_choice(
+      x @ router_weight, config.routed_top_k, score_function=config.score_function, gate_norm=config.gate_norm,
+      route_scale=config.route_scale, bias=bias, n_groups=config.n_groups, topk_groups=config.topk_groups)
+  y = naive_moe(x, routed.expert_index, routed.gates, w_gate, w_up, w_down, kept=kept)
+  return (y if shared is None else y + moe_grouped.swiglu(x, *shared)), routed
+
+
+@pytest.mark.parametrize("name", [n if n in ("deepseek_v3", "switch") else pytest.param(n, marks=SLOW)
+                                  for n in sorted(PRESETS)])
+def test_presets_equal_naive_reference(name):
+  """Each published recipe, shrunk: output and every gradient equal routing + the expert loop + shared experts."""
   config = PRESETS[name](num_experts=8, expert_hidden=16, top_k=2,
                          **({"n_groups": 4, "topk_groups": 2} if name == "deepseek_v3" else {}))
-  y, aux = nnx.jit(lambda m, x: m(x))(_layer(config), jax.random.normal(jax.random.key(6), (2, 8, 16)))
-  assert y.shape == (2, 8, 16) and np.isfinite(np.asarray(y)).all()
+  layer = _layer(config)
+  layer.eval()  # no router jitter (Switch): the reference has none
+  batch, length, dim = 2, 8, 16
+  if layer.router.bias is not None:  # a nonzero selection bias, so that it steers the choice
+    layer.router.bias[...] = 0.05 * jax.random.normal(jax.random.key(7), layer.router.bias.shape)
+  x = jax.random.normal(jax.random.key(6), (batch, length, dim))
+  cotangent = jax.random.normal(jax.random.key(9), (batch * length, dim))
+
+  def layer_loss(model):
+    y, aux = model(x)
+    return jnp.sum(y.reshape(-1, dim) * cotangent), (y, aux)
+  (_, (y, aux)), grads = nnx.jit(nnx.value_and_grad(layer_loss, has_aux=True))(layer)
+
+  shared = None if layer.shared_gate is None else tuple(
+      w[...] for w in (layer.shared_gate, layer.shared_up, layer.shared_down))
+  bias = None if layer.router.bias is None else layer.router.bias[...]
+  trained = (layer.router.weight[...], layer.w_gate[...], layer.w_up[...], layer.w_down[...], shared)
+  x_flat = x.reshape(-1, dim)
+
+  @jax.jit
+  def reference(trained, kept):
+    router_weight, w_gate, w_up, w_down, shared = trained
+    y, routed = _naive_layer(config, (router_weight, bias, w_gate, w_up, w_down, shared), x_flat, kept)
+    return jnp.sum(y * cotangent), (y, routed.expert_index)
+  reference_value_and_grad = jax.jit(jax.value_and_grad(reference, has_aux=True))
+
+  expert_index = np.asarray(reference(trained, None)[1][1])
+  if config.dropless:
+    kept = np.ones(expert_index.shape, bool)
+  else:
+    capacity = routing.expert_capacity(length, config.routed_top_k, config.routed_experts, config.capacity_factor)
+    kept = naive_kept(expert_index, capacity, length)
+  (_, (want_y, _)), want_grads = reference_value_and_grad(trained, jnp.asarray(kept))
+  _assert_close(y.reshape(-1, dim), want_y)
+  np.testing.assert_allclose(float(aux["dropped_fraction"]), 1.0 - kept.mean(), atol=1e-6)
   assert np.isfinite(float(aux["aux_loss"]))
+  got_grads = (grads.router.weight[...], grads.w_gate[...], grads.w_up[...], grads.w_down[...],
+               None if shared is None else (grads.shared_gate[...], grads.shared_up[...], grads.shared_down[...]))
+  _assert_close(got_grads, want_grads)
+  assert float(np.abs(np.asarray(want_grads[0])).max()) > 0  # the router is trained through the gates
 
 
 @pytest.mark.parametrize("overrides,field", [
