@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sparseformer.layers.routing import RouterLoad
 from sparseformer.train.state import ModelSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]
@@ -28,8 +29,18 @@ def _forward_loss(setup: ModelSetup, params, extra, batch: Batch):
   return lm_loss + aux["aux_loss"], (lm_loss, aux["aux_loss"], metrics, new_extra)
 
 
+# Non-Param state that a forward pass overwrites with a statistic of its batch (a mean over its tokens);
+# under accumulation it is averaged over the micro-batches, so it is the statistic of the whole batch.
+BATCH_STATISTICS = (RouterLoad,)
+
+
 def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum_steps: int):
-  """Mean loss, gradients and metrics over `accum_steps` micro-batches (a lax.scan; one when accum_steps == 1)."""
+  """Mean loss, gradients and metrics over `accum_steps` micro-batches (a lax.scan; one when accum_steps == 1).
+
+  Returns (loss, lm_loss, aux_loss, metrics, extra, grads); see `make_train_step` for what each means
+  under accumulation. The non-Param state `extra` runs through the micro-batches in order (e.g. RNG
+  counters), except the BATCH_STATISTICS, which come back as their mean over the micro-batches.
+  """
   grad_fn = jax.value_and_grad(_forward_loss, argnums=1, has_aux=True)
   if accum_steps == 1:
     (loss, (lm_loss, aux_loss, metrics, extra)), grads = grad_fn(setup, state.params, state.extra, batch)
@@ -45,12 +56,15 @@ def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum
     grads_sum, extra = carry
     (loss, (lm_loss, aux_loss, metrics, extra)), grads = grad_fn(setup, state.params, extra, micro_batch)
     grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-    return (grads_sum, extra), (loss, lm_loss, aux_loss, metrics)
+    statistics, _ = nnx.split_state(extra, BATCH_STATISTICS, ...)
+    return (grads_sum, extra), (loss, lm_loss, aux_loss, metrics, statistics)
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, extra), (loss, lm_loss, aux_loss, metrics) = jax.lax.scan(body, (zeros, state.extra), micro_batches)
+  (grads, extra), (loss, lm_loss, aux_loss, metrics, statistics) = jax.lax.scan(
+      body, (zeros, state.extra), micro_batches)
   grads = jax.tree.map(lambda g: g / accum_steps, grads)
   metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  extra = nnx.merge_state(extra, jax.tree.map(lambda s: jnp.mean(s, axis=0), statistics))
   return jnp.mean(loss), jnp.mean(lm_loss), jnp.mean(aux_loss), metrics, extra, grads
 
 
@@ -59,6 +73,19 @@ def make_train_step(setup: ModelSetup, *, accum_steps: int, learning_rate: Calla
   """(state, batch) -> (state, metrics); a non-finite loss or grad norm leaves the state unchanged.
 
   `metrics["finite"]` is False for such a step, so the host can stop the run with the state still good.
+
+  Gradient accumulation (accum_steps = A > 1) splits the batch [B, T] into A micro-batches of B / A
+  whole sequences (B must divide by A) and defines the step as:
+  - losses, gradients and layer metrics: the mean over the micro-batches of each micro-batch's value.
+    For the LM loss and every statistic that is a mean over tokens or sequences (z-loss, sequence-wise
+    balance loss, router entropy, expert_load, dropped fraction with one capacity group per sequence)
+    this equals A = 1 on the same batch. A batch-level nonlinear statistic (the Switch load-balance
+    loss f . P, max_violation) is the mean of its per-micro-batch values instead, as in every
+    accumulating trainer: its gradient is the mean of the micro-batch gradients.
+  - the measured expert load (RouterLoad) that the auxiliary-loss-free bias update reads: the mean
+    over the micro-batches, i.e. the load of the whole batch (micro-batches hold equal numbers of
+    assignments, unless masking filler picks), so the bias update equals A = 1.
+  The selection bias itself is the same in every micro-batch (it changes only after the optimizer step).
   """
 
   def train_step(state: TrainState, batch: Batch):
