@@ -11,18 +11,29 @@ def attention_density(config: ModelConfig, layer: int, seq_len: int) -> float:
   kind = config.attention_kind(layer)
   if kind == "global":
     return (seq_len + 1) / (2 * seq_len)
-  layout = kinds.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads)
+  # The layer's own layout, as the decoder builds it (bigbird draws its random blocks per layer).
+  layout = kinds.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads,
+                              layer=layer if config.bigbird_seed_per_layer else 0)
   return allowed_pair_fraction(layout)
 
 
 def allowed_pair_fraction(layout) -> float:
-  """Allowed (query, key) token pairs / (seq_q x seq_kv), from the block lists in O(blocks), not O(T^2)."""
-  valid = np.arange(layout.kv_index.shape[-1]) < layout.kv_count[..., None]
-  mask_ids = layout.kv_mask_id[valid]
-  pairs_per_mask = layout.partial_masks.reshape(layout.partial_masks.shape[0], -1).sum(axis=1)
-  full_pairs = layout.block_q * layout.block_kv
-  allowed = np.where(mask_ids < 0, full_pairs, pairs_per_mask[np.maximum(mask_ids, 0)]).sum()
-  return float(allowed) / (layout.kv_count.shape[0] * layout.seq_q * layout.seq_kv)
+  """Allowed (query, key) token pairs / (Hl x seq_q x seq_kv): `to_token_mask().mean()` in O(blocks), not O(T^2).
+
+  Only real tokens count: the padded query rows of the last query block (which copy the last real
+  row) and the padded key columns of the last key block are left out.
+  """
+  valid = np.arange(layout.max_kv) < layout.kv_count[..., None]
+  _, q_block, _ = np.nonzero(valid)
+  kv_block, mask_ids = layout.kv_index[valid], layout.kv_mask_id[valid]
+  real_rows = np.minimum(layout.block_q, layout.seq_q - q_block * layout.block_q)
+  real_cols = np.minimum(layout.block_kv, layout.seq_kv - kv_block * layout.block_kv)
+  # Summed-area table per partial tile: [p, r, c] = allowed pairs among its first r rows and c columns.
+  corner_sums = np.zeros((len(layout.partial_masks), layout.block_q + 1, layout.block_kv + 1), np.int64)
+  corner_sums[:, 1:, 1:] = layout.partial_masks.cumsum(axis=1).cumsum(axis=2)
+  partial_pairs = corner_sums[np.maximum(mask_ids, 0), real_rows, real_cols]
+  allowed = np.where(mask_ids < 0, real_rows.astype(np.int64) * real_cols, partial_pairs).sum()
+  return float(allowed) / (layout.num_heads * layout.seq_q * layout.seq_kv)
 
 
 def matmul_params_per_token(config: ModelConfig) -> int:
