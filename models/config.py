@@ -33,6 +33,8 @@ class ModelConfig:
   ffn_pattern: tuple[str, ...] = ("dense",)  # "dense" or "moe" per layer, cycled
   attention: SparseAttentionConfig = SparseAttentionConfig()  # parameters of the sparse attention kinds
   moe: MoEConfig = MoEConfig()  # parameters of the MoE layers (used where ffn_pattern says "moe")
+  allow_bidirectional_attention: bool = False  # allow attention.causal=False: sparse kinds then see future tokens
+  bigbird_seed_per_layer: bool = True  # bigbird layer i draws its random blocks with attention.seed + i
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "max_seq_len"):
@@ -56,6 +58,10 @@ class ModelConfig:
         raise ValueError(f"model.ffn_pattern has unknown kind {kind!r}; choose from {FFN_KINDS}.")
     for kind in set(self.attention_pattern) - {"global"}:
       kinds.validate_kind(kind, self.attention)
+    if not self.attention.causal and not self.allow_bidirectional_attention:
+      raise ValueError("model.attention.causal=False makes the sparse attention kinds see future tokens (global "
+                       "layers stay causal), so the LM would learn from the tokens it predicts; set "
+                       "model.attention.causal=True, or model.allow_bidirectional_attention=True to study it anyway.")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -26,7 +26,7 @@ class Block(nnx.Module):
         dim=config.d_model, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
         head_dim=config.resolved_head_dim, kind=config.attention_kind(layer), sparse_config=config.attention,
         rope_theta=config.rope_theta, init_std=config.init_std, out_init_std=out_init_std, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+        param_dtype=param_dtype, rngs=rngs, layer=layer if config.bigbird_seed_per_layer else 0)
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if self.ffn_kind == "moe":
       self.ffn = MoEFeedForward(config.d_model, config.moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

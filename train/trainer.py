@@ -217,6 +217,9 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
       f"mesh {dict(run.mesh.shape)}; data: {_describe_corpus(corpus)}")
   log(f"Model FLOPs per token {flops_per_token:.3g}; peak {peak_flops / 1e9:.1f} GFLOP/s "
       f"({'given' if config.train.peak_flops else 'measured matmul'}).")
+  if config.model.allow_bidirectional_attention and not config.model.attention.causal:
+    log("Warning: model.allow_bidirectional_attention=True and model.attention.causal=False: the sparse attention "
+        "layers see future tokens, so this loss is not a causal language-model loss.")
 
   # --- Loop.
   step = int(run.state.step)

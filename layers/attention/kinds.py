@@ -1,6 +1,6 @@
 """Attention kinds selectable per layer: kind name + SparseAttentionConfig -> BlockLayout.
 
-    layout = build_layout("local", config, seq_len=T, num_heads=H)   # cached; call at every trace
+    layout = build_layout("local", config, seq_len=T, num_heads=H, layer=i)   # cached; call at every trace
     out = backends.attend(q, k, v, layout, backend=config.backend)
 
 Kinds (see config.py for the fields each reads; the builders cite the papers):
@@ -8,7 +8,7 @@ Kinds (see config.py for the fields each reads; the builders cite the papers):
   local       sliding window, `window` keys incl. self, optionally dilated (Longformer; Mistral)
   strided     Sparse Transformer strided (Child et al., 2019)
   fixed       Sparse Transformer fixed (Child et al., 2019)
-  bigbird     window + global + seeded random blocks (Zaheer et al., 2020)
+  bigbird     window + global + random blocks seeded by attention.seed + layer (Zaheer et al., 2020)
   longformer  window + global tokens (Beltagy et al., 2020)
   chunked     chunked causal (Llama 4)
   sinks       attention sinks + window (StreamingLLM, Xiao et al., 2023)
@@ -36,7 +36,7 @@ def register_layout_factory(name: str, factory: LayoutFactory) -> None:
   if not name or ":" in name:
     raise ValueError(f"factory name {name!r} must be non-empty and contain no ':'")
   _FACTORIES[name] = factory
-  build_layout.cache_clear()
+  _cached_layout.cache_clear()
 
 
 def resolve_layout_factory(path: str) -> LayoutFactory:
@@ -77,13 +77,24 @@ def validate_kind(kind: str, config: SparseAttentionConfig) -> None:
     resolve_layout_factory(config.layout_factory)
 
 
-@functools.lru_cache(maxsize=256)
-def build_layout(kind: str, config: SparseAttentionConfig, *, seq_len: int, num_heads: int) -> BlockLayout:
-  """The layout of attention kind `kind` for `seq_len` tokens (cached: the same object per arguments).
+def build_layout(kind: str, config: SparseAttentionConfig, *, seq_len: int, num_heads: int,
+                 layer: int = 0) -> BlockLayout:
+  """The layout of attention kind `kind` for `seq_len` tokens in layer `layer` (cached: the same object per
+  arguments).
 
-  Returns a layout with Hl = 1 (shared by heads), or Hl = num_heads for per-head kinds (bigbird
-  with random_per_head, or a custom factory that returns one).
+  Only bigbird reads `layer`: its random blocks are drawn with seed `config.seed + layer`, so the layers of a
+  model attend to different random blocks; the other kinds return one object for every layer. Returns a layout
+  with Hl = 1 (shared by heads), or Hl = num_heads for per-head kinds (bigbird with random_per_head, or a custom
+  factory that returns one).
   """
+  if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+    raise ValueError(f"layer ({layer!r}) must be an integer >= 0")
+  return _cached_layout(kind, config, seq_len=seq_len, num_heads=num_heads, layer=layer if kind == "bigbird" else 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(kind: str, config: SparseAttentionConfig, *, seq_len: int, num_heads: int,
+                   layer: int) -> BlockLayout:
   validate_kind(kind, config)
   if seq_len < 1 or num_heads < 1:
     raise ValueError(f"seq_len ({seq_len}) and num_heads ({num_heads}) must be >= 1")
@@ -102,7 +113,7 @@ def build_layout(kind: str, config: SparseAttentionConfig, *, seq_len: int, num_
     layout = lb.fixed(stride=config.stride, summary=config.summary_tokens, causal=causal, **geo)
   elif kind == "bigbird":
     layout = lb.bigbird(left=left, right=right, num_global=config.num_global,
-                        num_random_blocks=config.num_random_blocks, seed=config.seed, causal=causal,
+                        num_random_blocks=config.num_random_blocks, seed=config.seed + layer, causal=causal,
                         num_heads=num_heads if config.random_per_head else None, **geo)
   elif kind == "longformer":
     layout = lb.longformer(left=left, right=right, num_global=config.num_global, causal=causal, **geo)

@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads, RoPE and a choice of dense or block-sparse kernels."""
+"""Self-attention with grouped-query heads, RoPE and a choice of dense or block-sparse kernels."""
 
 import einops
 import jax
@@ -12,18 +12,21 @@ from sparseformer.layers.attention.dense import causal_attention
 
 
 class Attention(nnx.Module):
-  """Multi-head causal attention; `num_kv_heads < num_heads` gives GQA (Ainslie et al., 2023).
+  """Multi-head attention; `num_kv_heads < num_heads` gives GQA (Ainslie et al., 2023).
 
   `kind == "global"` is dense causal attention (`causal_attention`); every other kind builds a static
-  `BlockLayout` for the sequence length at trace time and runs `backends.attend`.
+  `BlockLayout` for the sequence length at trace time and runs `backends.attend` (bidirectional where
+  `sparse_config.causal=False`). `layer` goes to `kinds.build_layout`: bigbird seeds its random blocks with
+  `sparse_config.seed + layer`.
   """
 
   def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, kind: str,
                sparse_config: SparseAttentionConfig, rope_theta: float, init_std: float, out_init_std: float,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, layer: int = 0):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.kind = kind
+    self.layer = layer
     self.sparse_config = sparse_config
     self.rope_theta = rope_theta
     self.dtype = dtype
@@ -56,5 +59,6 @@ class Attention(nnx.Module):
                             B=batch)
 
   def _sparse_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    layout = kinds.build_layout(self.kind, self.sparse_config, seq_len=q.shape[1], num_heads=self.num_heads)
+    layout = kinds.build_layout(self.kind, self.sparse_config, seq_len=q.shape[1], num_heads=self.num_heads,
+                                layer=self.layer)
     return backends.attend(q, k, v, layout, backend=self.sparse_config.backend)

@@ -118,6 +118,7 @@ def test_parameters_carry_logical_axes():
     (dict(dtype="float16"), "dtype"),
     (dict(ffn_pattern=("dense", "sparse")), "ffn_pattern"),
     (dict(num_layers=0), "num_layers"),
+    (dict(attention=SparseAttentionConfig(causal=False)), "allow_bidirectional_attention"),
 ])
 def test_invalid_configs_name_the_field(changes, field):
   with pytest.raises(ValueError, match=field):

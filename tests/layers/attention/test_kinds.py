@@ -1,4 +1,5 @@
-"""Attention kinds: config validation, build_layout per kind (token masks), caching, jit use, plots."""
+"""Attention kinds: config validation, build_layout per kind (token masks), caching, per-layer bigbird seeds,
+values and gradients under jit against the masked reference, plots."""
 
 import dataclasses
 
@@ -10,7 +11,6 @@ import pytest
 from sparseformer.layers.attention import backends as sa, builders as lb, kinds as ap, layouts, plot as layout_plot
 from sparseformer.layers.attention.config import SparseAttentionConfig
 
-_masked_attention = jax.jit(sa.masked_attention)
 CONFIG = SparseAttentionConfig(block_size=8, window=6, stride=8, summary_tokens=2, num_global=3,
                                num_random_blocks=1, chunk_size=12, num_sinks=2, backend="xla")
 
@@ -87,22 +87,55 @@ def test_build_layout_is_cached():
   assert ap.build_layout("local", CONFIG, seq_len=101, num_heads=4) is not a
 
 
-@pytest.mark.parametrize("kind", [k for k in ap.ATTENTION_KINDS if k != "custom"])
-def test_every_kind_attends_under_jit(kind):
+def _assert_close(name, got, want, rtol):
+  """Max error relative to the reference's largest entry, in NumPy f64; NaN anywhere fails."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  assert not np.isnan(want).any(), f"{name}: NaN in the reference"
+  assert not np.isnan(got).any(), f"{name}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
+  error = np.abs(got - want).max() / np.abs(want).max()
+  assert error < rtol, f"{name}: max |got - want| / max |want| = {error:.2e}"
+
+
+@pytest.mark.parametrize("kind", ap.ATTENTION_KINDS)
+def test_every_kind_equals_the_masked_reference_under_jit(kind):
   seq, heads, kv_heads, dim = 37, 4, 2, 8
-
-  def loss(q, k, v):  # the layout is built at trace time, for the traced sequence length
-    layout = ap.build_layout(kind, CONFIG, seq_len=q.shape[1], num_heads=q.shape[2])
-    return jnp.sum(sa.attend(q, k, v, layout, backend=CONFIG.backend) ** 2)
-
+  config = dataclasses.replace(CONFIG, layout_factory=f"{__name__}:custom_factory") if kind == "custom" else CONFIG
   rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.standard_normal((2, seq, heads, dim), np.float32))
+  q, cotangent = (jnp.asarray(rng.standard_normal((2, seq, heads, dim), np.float32)) for _ in range(2))
   k, v = (jnp.asarray(rng.standard_normal((2, seq, kv_heads, dim), np.float32)) for _ in range(2))
-  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in grads)
-  mask = jnp.asarray(ap.build_layout(kind, CONFIG, seq_len=seq, num_heads=heads).to_token_mask())
-  expected = jnp.sum(_masked_attention(q, k, v, mask) ** 2)
-  np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+  mask = jnp.asarray(ap.build_layout(kind, config, seq_len=seq, num_heads=heads).to_token_mask())
+
+  def sparse(q, k, v):  # the layout is built at trace time, for the traced sequence length
+    layout = ap.build_layout(kind, config, seq_len=q.shape[1], num_heads=q.shape[2])
+    return sa.attend(q, k, v, layout, backend=config.backend)
+
+  def values_and_grads(attention, transform):
+    def loss(q, k, v):  # a random cotangent: permuted rows or heads change the gradients
+      out = attention(q, k, v)
+      return jnp.sum(out * cotangent), out
+    (_, out), grads = transform(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, *grads)
+
+  got = values_and_grads(sparse, jax.jit)
+  want = values_and_grads(lambda q, k, v: sa.masked_attention(q, k, v, mask), lambda f: f)  # eager: no compile
+  for name, got_array, want_array in zip(("out", "dq", "dk", "dv"), got, want):
+    _assert_close(f"{kind} {name}", got_array, want_array, rtol=1e-5)
+
+
+def test_bigbird_random_blocks_differ_by_layer_and_repeat_per_layer():
+  layouts = [ap.build_layout("bigbird", CONFIG, seq_len=64, num_heads=4, layer=layer) for layer in (0, 1, 1)]
+  tables = [layout.block_table()[0] for layout in layouts]
+  assert (tables[0] != tables[1]).any(), "layers 0 and 1 drew the same random blocks"
+  assert layouts[1] is layouts[2]
+  geo = dict(block_q=CONFIG.block_size, left=CONFIG.window - 1, num_global=CONFIG.num_global,
+             num_random_blocks=CONFIG.num_random_blocks)
+  for layer, table in enumerate(tables[:2]):  # layer i is bigbird seeded by attention.seed + i
+    np.testing.assert_array_equal(table, lb.bigbird(64, seed=CONFIG.seed + layer, **geo).block_table()[0])
+  local = [ap.build_layout("local", CONFIG, seq_len=64, num_heads=4, layer=layer) for layer in (0, 3)]
+  assert local[0] is local[1]  # kinds without randomness share one layout across layers
+  with pytest.raises(ValueError, match="layer"):
+    ap.build_layout("bigbird", CONFIG, seq_len=64, num_heads=4, layer=-1)
 
 
 @pytest.mark.parametrize("field,value,match", [
