@@ -10,10 +10,12 @@ from sparseformer.kernels.block_sparse_attention.api import block_sparse_attenti
 from sparseformer.kernels.block_sparse_attention.api import block_sparse_attention_with_lse
 from sparseformer.kernels.block_sparse_attention.common import BlockSizes
 from sparseformer.kernels.block_sparse_attention.common import transpose_block_lists
+from sparseformer.kernels.block_sparse_attention.common import unsupported_reason
 
 __all__ = [
     "BlockSizes",
     "block_sparse_attention",
     "block_sparse_attention_with_lse",
     "transpose_block_lists",
+    "unsupported_reason",
 ]

@@ -46,9 +46,8 @@ def _check_inputs(q, k, v, meta: LayoutMeta) -> None:
   if q.shape[1] != meta.seq_q or k.shape[1] != meta.seq_kv:
     raise ValueError(f"sequence lengths (T={q.shape[1]}, S={k.shape[1]}) differ from the layout's "
                      f"(seq_q={meta.seq_q}, seq_kv={meta.seq_kv}); build the layout for them.")
-  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in common.SUPPORTED_DTYPES:
-    raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal and one of "
-                     "float32, bfloat16, float16.")
+  if not q.dtype == k.dtype == v.dtype:  # which dtypes: common.unsupported_reason
+    raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal.")
 
 
 def _resolve_platform(platform: str | None) -> str:
@@ -77,6 +76,11 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
   Returns:
     out, and lse = log(sum_k exp(scale * q.k)) over visible keys (natural log). A query row with
     no visible key gives out = 0 and lse = -inf (its gradients are 0). Both are differentiable.
+  Raises:
+    ValueError, naming the argument or field and the fix: shapes that disagree with each other or
+    with the layout, a layout missing a contract field or with lists of the wrong shape, unequal
+    dtypes, an unknown platform, and what `common.unsupported_reason` rejects (dtype, head_dim,
+    layout blocks and tiles for the platform, launch knobs).
   """
   q, k, v = (jnp.asarray(x) for x in (q, k, v))  # any array-like (NumPy, lists) from here on
   arrays, meta = common.layout_to_arrays(layout, q.shape[2] if q.ndim == 4 else -1)
@@ -86,7 +90,7 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
   tiles = common.resolve_tiles(block_sizes, layout_block_q=meta.block_q,
                                layout_block_kv=meta.block_kv, head_dim=q.shape[3],
                                platform=platform, interpret=interpret,
-                               itemsize=jnp.dtype(q.dtype).itemsize)
+                               itemsize=jnp.dtype(q.dtype).itemsize, dtype=q.dtype)
   scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
   config = _Config(meta=meta, tiles=tiles, scale=scale, interpret=interpret, platform=platform)
   return _attention(config, q, k, v, arrays)

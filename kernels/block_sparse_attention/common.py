@@ -148,17 +148,9 @@ def _fit_pipeline(tile: int, tile_is_default: bool, stages: int, stages_is_defau
   return tile, stages
 
 
-def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block_kv: int,
-                  head_dim: int, platform: str, interpret: bool, itemsize: int = 2,
-                  shared_memory_bytes: int | None = None) -> Tiles:
-  """Fills defaults and checks tile constraints; raises ValueError naming the field and the fix.
-
-  `itemsize` (bytes per input element) picks the GPU forward pipelining depth (three stages in
-  16-bit, two in f32); compiled GPU defaults then shrink until each kernel's K/V (or Q/dO)
-  pipeline fits `shared_memory_bytes` (None: `gpu_shared_memory_bytes()`), e.g. f32 with
-  D = 128 gets 64-row forward K/V tiles.
-  """
-  sizes = sizes or BlockSizes()
+def _default_tiles(sizes: BlockSizes, layout_block_q: int, layout_block_kv: int,
+                   platform: str) -> dict[str, int]:
+  """Each tile field of `sizes` (block_q ... block_kv_dkv), its platform default where None."""
   if platform == "tpu":
     defaults = dict(block_q=layout_block_q, block_kv=layout_block_kv,
                     block_q_dq=layout_block_q, block_kv_dq=layout_block_kv,
@@ -168,35 +160,84 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
     defaults = dict(block_q=min(layout_block_q, 128), block_kv=min(layout_block_kv, 128),
                     block_q_dq=min(layout_block_q, 64), block_kv_dq=min(layout_block_kv, 64),
                     block_q_dkv=min(layout_block_q, 64), block_kv_dkv=min(layout_block_kv, 64))
-  values = {f: d if getattr(sizes, f) is None else getattr(sizes, f) for f, d in defaults.items()}
-  for field, value in values.items():
-    layout_block = layout_block_q if "_q" in field else layout_block_kv
+  return {f: d if getattr(sizes, f) is None else getattr(sizes, f) for f, d in defaults.items()}
+
+
+def unsupported_reason(platform: str, head_dim: int, block_q: int, block_kv: int, dtype: Any = None,
+                       *, block_sizes: BlockSizes | None = None,
+                       interpret: bool = False) -> str | None:
+  """Why the kernels cannot run this configuration (naming the field and the fix), or None.
+
+  The one list of the kernels' constraints: `resolve_tiles` raises it as a ValueError, and
+  `backend="auto"` of `layers.attention.backends.attend` falls back to xla on it.
+
+  Args: `platform` "gpu" or "tpu" (kernel family); `head_dim`; the layout's `block_q` /
+  `block_kv`; the input `dtype` (None: not checked); `block_sizes` (None: the defaults);
+  `interpret` (interpret mode lifts the compiled-only constraints: GPU tiles and head_dim powers
+  of two >= 16, TPU layout blocks multiples of 128).
+  """
+  if dtype is not None and jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return (f"dtype={jnp.dtype(dtype).name}: the kernels take float32, bfloat16 or float16; "
+            "cast q, k and v.")
+  sizes = block_sizes or BlockSizes()
+  compiled_gpu = platform == "gpu" and not interpret
+  compiled_tpu = platform == "tpu" and not interpret
+  for field, value in _default_tiles(sizes, block_q, block_kv, platform).items():
+    layout_block = block_q if "_q" in field else block_kv
     layout_name = "layout.block_q" if "_q" in field else "layout.block_kv"
+    default = "" if getattr(sizes, field) is not None else " (default)"
+    tile = f"BlockSizes.{field}={value}{default}"
     if value <= 0 or layout_block % value:
-      raise ValueError(f"BlockSizes.{field}={value} must be a positive divisor of "
-                       f"{layout_name}={layout_block}; pick a divisor or rebuild the layout.")
+      return (f"{tile} must be a positive divisor of {layout_name}={layout_block}; pick a "
+              "divisor or rebuild the layout.")
     if platform == "tpu" and value != layout_block:
-      raise ValueError(f"BlockSizes.{field}={value}: the TPU kernels use the layout blocks as "
-                       f"tiles; set it to {layout_name}={layout_block} (or leave it None).")
-    if platform == "gpu" and not interpret and (not _is_pow2(value) or value < 16):
-      raise ValueError(f"BlockSizes.{field}={value}: Triton tiles must be powers of two >= 16 "
-                       "(tl.dot minimum); use 16, 32, 64 or 128.")
-  if platform == "gpu" and not interpret and (not _is_pow2(head_dim) or head_dim < 16):
-    raise ValueError(f"head_dim={head_dim}: the GPU kernel needs a power of two >= 16 "
-                     "(e.g. 64 or 128); pad the head dimension.")
-  if platform == "tpu" and not interpret:
-    if layout_block_q % 128 or layout_block_kv % 128:
-      raise ValueError(f"layout block sizes ({layout_block_q}, {layout_block_kv}): the TPU kernels "
-                       "need multiples of 128 (lane tiling); rebuild the layout.")
+      return (f"{tile}: the TPU kernels use the layout blocks as tiles; set it to "
+              f"{layout_name}={layout_block} (or leave it None).")
+    if compiled_gpu and (not _is_pow2(value) or value < 16):
+      return (f"{tile}: Triton tiles must be powers of two >= 16 (tl.dot minimum); use 16, 32, "
+              "64 or 128, or rebuild the layout with such blocks.")
+  if compiled_gpu and (not _is_pow2(head_dim) or head_dim < 16):
+    return (f"head_dim={head_dim}: the GPU kernel needs a power of two >= 16 (e.g. 64 or 128); "
+            "pad the head dimension.")
+  if compiled_tpu and (block_q % 128 or block_kv % 128):
+    return (f"layout block sizes ({block_q}, {block_kv}): the TPU kernels need multiples of 128 "
+            "(lane tiling); rebuild the layout.")
+  for field in ("num_warps", "num_warps_bwd", "num_warps_dq"):  # defaults (4 or 8) are valid
+    value = getattr(sizes, field)
+    if value is not None and (not _is_pow2(value) or value > 16):
+      return f"BlockSizes.{field}={value} must be 1, 2, 4, 8 or 16."
+  for field in ("num_stages", "num_stages_bwd", "num_stages_dq"):
+    value = getattr(sizes, field)
+    if value is not None and value < 1:
+      return f"BlockSizes.{field}={value} must be >= 1."
+  if sizes.fused_dq and platform == "tpu":
+    return ("BlockSizes.fused_dq=True needs atomic adds, which the TPU kernels do not use; leave "
+            "it None or False on TPU.")
+  return None
+
+
+def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block_kv: int,
+                  head_dim: int, platform: str, interpret: bool, itemsize: int = 2,
+                  shared_memory_bytes: int | None = None, dtype: Any = None) -> Tiles:
+  """Fills defaults and checks the constraints (`unsupported_reason`, with `dtype` None: not
+  checked); raises its ValueError, which names the field and the fix.
+
+  `itemsize` (bytes per input element) picks the GPU forward pipelining depth (three stages in
+  16-bit, two in f32); compiled GPU defaults then shrink until each kernel's K/V (or Q/dO)
+  pipeline fits `shared_memory_bytes` (None: `gpu_shared_memory_bytes()`), e.g. f32 with
+  D = 128 gets 64-row forward K/V tiles.
+  """
+  reason = unsupported_reason(platform, head_dim, layout_block_q, layout_block_kv, dtype,
+                              block_sizes=sizes, interpret=interpret)
+  if reason is not None:
+    raise ValueError(reason)
+  sizes = sizes or BlockSizes()
+  values = _default_tiles(sizes, layout_block_q, layout_block_kv, platform)
   num_warps = sizes.num_warps
   if num_warps is None:
     num_warps = 4 if values["block_q"] * head_dim < 128 * 128 else 8
   num_warps_bwd = sizes.num_warps_bwd if sizes.num_warps_bwd is not None else 4
   num_warps_dq = sizes.num_warps_dq if sizes.num_warps_dq is not None else num_warps_bwd
-  for field, value in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd),
-                       ("num_warps_dq", num_warps_dq)):
-    if not _is_pow2(value) or value > 16:
-      raise ValueError(f"BlockSizes.{field}={value} must be 1, 2, 4, 8 or 16.")
   num_stages = sizes.num_stages
   if num_stages is None:
     num_stages = 3 if itemsize <= 2 else 2
@@ -210,14 +251,7 @@ def resolve_tiles(sizes: BlockSizes | None, *, layout_block_q: int, layout_block
                                                num_stages_dq, sizes.num_stages_dq is None)
     values["block_q_dkv"], _ = fit(values["block_q_dkv"], sizes.block_q_dkv is None,
                                    sizes.num_stages_bwd, False)
-  for field, value in (("num_stages", num_stages), ("num_stages_bwd", sizes.num_stages_bwd),
-                       ("num_stages_dq", num_stages_dq)):
-    if value < 1:
-      raise ValueError(f"BlockSizes.{field}={value} must be >= 1.")
-  fused_dq = bool(sizes.fused_dq) if sizes.fused_dq is not None else False
-  if fused_dq and platform == "tpu":
-    raise ValueError("BlockSizes.fused_dq=True needs atomic adds, which the TPU kernels do not "
-                     "use; leave it None or False on TPU.")
+  fused_dq = bool(sizes.fused_dq)
   return Tiles(fwd_q=values["block_q"], fwd_kv=values["block_kv"], dq_q=values["block_q_dq"],
                dq_kv=values["block_kv_dq"], dkv_q=values["block_q_dkv"],
                dkv_kv=values["block_kv_dkv"], num_warps=num_warps, num_stages=num_stages,

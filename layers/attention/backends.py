@@ -8,7 +8,8 @@ Backends (all compute the same function, tests hold them equal):
              O(T * max_kv * block_kv); no T x S buffer. Flash-style custom VJP (see the xla section).
              Host layouts run in buckets of similar list length; traced ones at width max_kv.
   pallas     sparseformer.kernels.block_sparse_attention.block_sparse_attention (flash-style).
-  auto       pallas on GPU/TPU, else xla.
+  auto       pallas on GPU/TPU where the compiled kernel supports the head dim, layout blocks and
+             dtype (e.g. TPU needs blocks that are multiples of 128), else xla (`resolve_backend`).
 
 Layouts: a `BlockLayout`, or any object with its contract fields whose lists are jax arrays built
 inside jit (content-routed attention, e.g. top-k key blocks per query block). reference and xla
@@ -22,6 +23,7 @@ returns zeros (and zero, finite gradients); `scale` defaults to 1 / sqrt(D).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -34,14 +36,40 @@ from sparseformer.layers.attention.layouts import BlockLayout
 from sparseformer.layers.attention.layout_view import (LIST_FIELDS, Geometry, geometry, on_host, tile_ids,
                                                        tile_table, token_mask)
 
-def resolve_backend(backend: str) -> str:
-  """Concrete backend name for `backend` on the current default JAX platform."""
+_LOG = logging.getLogger(__name__)
+_KERNEL_PLATFORMS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}  # JAX platform -> kernels
+_reported_fallbacks: set[tuple[str, str]] = set()  # (platform, reason) already logged
+
+
+def resolve_backend(backend: str, q=None, layout=None, *, platform: str | None = None) -> str:
+  """Concrete backend name for `backend` on `platform` (a JAX platform name; None: jax.default_backend()).
+
+  "auto" is pallas on GPU/TPU, else xla. Given `q` (anything with .shape [B, T, H, D] and .dtype, e.g. a
+  jax.ShapeDtypeStruct) and `layout` (its block_q, block_kv), "auto" is also xla where the compiled kernel
+  rejects them (`block_sparse_attention.unsupported_reason`, e.g. TPU layout blocks that are not multiples of
+  128, a GPU head dim that is not a power of two >= 16), with one warning per reason on this module's logger.
+  Without q and layout it answers for the platform alone. Other names come back as given (an explicit
+  "pallas" raises the kernel's ValueError where it is unsupported); a name not in BACKENDS raises ValueError.
+  """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "auto":
-    on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-    return "pallas" if on_accelerator else "xla"
-  return backend
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend() if platform is None else platform
+  kernel_platform = _KERNEL_PLATFORMS.get(platform)
+  if kernel_platform is None:
+    return "xla"
+  if q is None or layout is None:
+    return "pallas"
+  reason = pallas_kernel.unsupported_reason(kernel_platform, q.shape[-1], layout.block_q, layout.block_kv,
+                                            q.dtype)
+  if reason is None:
+    return "pallas"
+  if (platform, reason) not in _reported_fallbacks:
+    _reported_fallbacks.add((platform, reason))
+    _LOG.warning("attention backend 'auto' on %s: the Pallas kernel does not support this configuration "
+                 "(%s); using the xla backend. Pass backend='xla' to choose it explicitly.", platform, reason)
+  return "xla"
 
 
 def _as_arrays(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,10 +102,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockLayout, *, bac
   `layout` is a BlockLayout or any object with its contract fields whose lists (kv_index, kv_count,
   kv_mask_id; partial_masks too) may be jax arrays built inside jit (content-routed attention). Such
   lists are not validated: ids must lie in [0, num_kv_blocks) and no row may list a block twice.
+  `scale` multiplies the logits (None: 1 / sqrt(D)); `backend` as in `resolve_backend`.
+
+  Raises ValueError on inputs that disagree with each other or with the layout (rank, batch, head
+  dim, H % KVH, sequence lengths, layout heads), on a layout missing a contract field or with lists
+  of the wrong shape, and on an unknown backend; backend="pallas" adds the kernel's errors.
   """
   q, k, v = _as_arrays(q, k, v)
-  _check_shapes(q, k, v, layout)
-  backend = resolve_backend(backend)
+  geo = _check_shapes(q, k, v, layout)
+  backend = resolve_backend(backend, q, geo)
   if backend == "reference":
     return reference_attention(q, k, v, layout, scale=scale)
   if backend == "xla":

@@ -8,7 +8,9 @@ starts every output buffer as NaN (checked by `test_interpret_outputs_start_pois
 Each case compiles one fwd+bwd program (~10 s on 2 cores), so the cases are chosen to cover:
 local, causal, BigBird (per-head random), strided, per-head mixtures, fully masked rows and
 empty query blocks, padded lengths, GQA/MQA, f32/bf16, head dims 32/64/128, sub-tiled GPU
-loops, traced layouts; values, LSE and dq/dk/dv with cotangents on both out and lse.
+loops, rectangular blocks (block_q != block_kv), an explicit `scale`, traced layouts; values,
+LSE and dq/dk/dv with cotangents on both out and lse. Inputs come from the `seed` fixture
+(tests/conftest.py): fixed by default, fresh under `pytest -m fuzz`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 
 import jax
@@ -30,7 +33,6 @@ from sparseformer.layers.attention import backends as sa, builders as lb, layout
 
 # (abs tolerance on values/lse, tolerance on grads relative to the largest reference grad)
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 3e-2)}
-SEED = int(np.random.SeedSequence().entropy % (2**31))  # fresh inputs every run; printed on failure
 
 
 def dense_reference(q, k, v, mask, scale):
@@ -70,21 +72,25 @@ def _values_and_grads(fn, q, k, v, d_out, d_lse):
   return [np.asarray(x.astype(jnp.float32)) for x in (out, lse, *grads)]
 
 
-def check_against_reference(layout, *, platform, heads=4, kv_heads=2, dim=32, batch=1,
-                            dtype=jnp.float32, block_sizes=None, seed=SEED):
+def check_against_reference(layout, *, platform, seed, heads=4, kv_heads=2, dim=32, batch=1,
+                            dtype=jnp.float32, block_sizes=None, scale=None):
+  """Kernel (interpret mode) vs `dense_reference`: out, lse and dq/dk/dv; `scale` None is the
+  kernel's default, which the reference takes as 1 / sqrt(dim)."""
   q, k, v, d_out, d_lse = _inputs(seed, batch, layout.seq_q, layout.seq_kv, heads, kv_heads, dim,
                                   dtype)
-  scale = 1.0 / math.sqrt(dim)
   mask = layout.to_token_mask()
   kernel = jax.jit(functools.partial(api.block_sparse_attention_with_lse, layout=layout,
-                                     platform=platform, interpret=True, block_sizes=block_sizes))
-  reference = jax.jit(functools.partial(dense_reference, mask=mask, scale=scale))
+                                     platform=platform, interpret=True, block_sizes=block_sizes,
+                                     scale=scale))
+  reference = jax.jit(functools.partial(dense_reference, mask=mask,
+                                        scale=1.0 / math.sqrt(dim) if scale is None else scale))
   got = _values_and_grads(kernel, q, k, v, d_out, d_lse)
   want = _values_and_grads(reference, q, k, v, d_out, d_lse)
   value_tol, grad_tol = TOL[dtype]
-  where = f"layout={layout!r} platform={platform} dtype={dtype.__name__} seed={seed}"
+  where = f"layout={layout!r} platform={platform} dtype={dtype.__name__} scale={scale} seed={seed}"
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-    assert g.shape == w.shape, (name, g.shape, w.shape)
+    assert g.shape == w.shape, (name, g.shape, w.shape, where)
+    assert not np.isnan(w).any(), f"reference {name} has NaN, {where}"
     if name == "lse":  # rows with no visible key: exactly -inf in both
       assert np.array_equal(np.isneginf(g), np.isneginf(w)), f"lse -inf pattern differs, {where}"
       g, w = np.where(np.isneginf(w), 0.0, g), np.where(np.isneginf(w), 0.0, w)
@@ -111,51 +117,60 @@ def _fully_masked_layout(seq, block):
 
 
 CASES = {
-    # name: (layout builder, kwargs of check_against_reference)
-    "causal_gqa_subtiles_f32": (lambda: lb.dense(256, block_q=32, causal=True),
+    # name: (layout builder of the seed, kwargs of check_against_reference)
+    "causal_gqa_subtiles_f32": (lambda seed: lb.dense(256, block_q=32, causal=True),
                                 dict(platform="gpu", block_sizes=SUB_TILES, batch=2)),
-    "local_bf16_d64": (lambda: lb.sliding_window(256, block_q=32, left=45),
+    "local_bf16_d64": (lambda seed: lb.sliding_window(256, block_q=32, left=45),
                        dict(platform="gpu", dtype=jnp.bfloat16, dim=64)),
-    "bigbird_per_head_mqa": (lambda: lb.bigbird(256, block_q=32, left=40, num_global=8,
-                                                num_random_blocks=2, num_heads=4, seed=SEED % 1000),
+    "bigbird_per_head_mqa": (lambda seed: lb.bigbird(256, block_q=32, left=40, num_global=8,
+                                                     num_random_blocks=2, num_heads=4,
+                                                     seed=seed % 1000),
                              dict(platform="gpu", kv_heads=1)),
-    "strided_noncausal_padded": (lambda: lb.strided(200, block_q=32, stride=24, causal=False,
-                                                    seq_kv=150),
+    "strided_noncausal_padded": (lambda seed: lb.strided(200, block_q=32, stride=24, causal=False,
+                                                         seq_kv=150),
                                  dict(platform="gpu", block_sizes=SUB_TILES)),
-    "per_head_mixture_bf16": (lambda: layouts.per_head([
+    "per_head_mixture_bf16": (lambda seed: layouts.per_head([
         lb.sliding_window(256, block_q=32, left=31), lb.dense(256, block_q=32),
         lb.strided(256, block_q=32, stride=40), lb.global_tokens(256, block_q=32, num_global=5)]),
                               dict(platform="gpu", dtype=jnp.bfloat16)),
-    "fully_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(platform="gpu")),
+    "fully_masked_rows": (lambda seed: _fully_masked_layout(160, 32), dict(platform="gpu")),
     # dQ summed by atomic adds inside the dK/dV kernel: GQA group loop, sub-tiles, masked rows.
-    "fused_dq_gqa_subtiles_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
+    "fused_dq_gqa_subtiles_masked_rows": (lambda seed: _fully_masked_layout(160, 32), dict(
         platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, block_q_dkv=32, fused_dq=True))),
     # The non-default loop structures: forward in FULL-first split loops, backward in one loop
     # branching on each block's kind.
-    "swapped_loops_mixture_masked_rows": (lambda: _fully_masked_layout(160, 32), dict(
+    "swapped_loops_mixture_masked_rows": (lambda seed: _fully_masked_layout(160, 32), dict(
         platform="gpu", block_sizes=dataclasses.replace(SUB_TILES, separate_partial=True,
                                                         separate_partial_bwd=False))),
-    "tpu_causal_gqa_d128": (lambda: lb.dense(256, block_q=64, causal=True),
+    # Rectangular blocks both ways (the builders' `block_kv=`), padded lengths, sub-tiled query
+    # blocks on GPU, explicit logit scales.
+    "rectangular_tall_blocks_subtiles_scale": (
+        lambda seed: lb.sliding_window(150, block_q=32, block_kv=16, left=37),
+        dict(platform="gpu", block_sizes=SUB_TILES, scale=0.3)),
+    "tpu_rectangular_wide_blocks_scale_bf16": (
+        lambda seed: lb.chunked(150, block_q=16, block_kv=32, chunk=50),
+        dict(platform="tpu", dtype=jnp.bfloat16, scale=0.9)),
+    "tpu_causal_gqa_d128": (lambda seed: lb.dense(256, block_q=64, causal=True),
                             dict(platform="tpu", dim=128)),
-    "tpu_mixture_masked_rows_bf16": (lambda: _fully_masked_layout(160, 32),
+    "tpu_mixture_masked_rows_bf16": (lambda seed: _fully_masked_layout(160, 32),
                                      dict(platform="tpu", dtype=jnp.bfloat16, heads=4, kv_heads=2)),
-    "tpu_bigbird_padded": (lambda: lb.bigbird(200, block_q=32, left=30, num_global=4,
-                                              num_random_blocks=1, seed=SEED % 1000),
+    "tpu_bigbird_padded": (lambda seed: lb.bigbird(200, block_q=32, left=30, num_global=4,
+                                                   num_random_blocks=1, seed=seed % 1000),
                            dict(platform="tpu", heads=2, kv_heads=1, batch=2)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_matches_reference(case):
+def test_kernel_matches_reference(case, seed):
   build, kwargs = CASES[case]
-  check_against_reference(build(), **kwargs)
+  check_against_reference(build(seed), seed=seed, **kwargs)
 
 
-def test_traced_layout_matches_host_layout():
+def test_traced_layout_matches_host_layout(seed):
   """kv_index / kv_count / kv_mask_id as traced arrays: transposed view computed on device."""
   layout = lb.bigbird(192, block_q=32, left=40, num_global=4, num_random_blocks=2, num_heads=2,
-                      seed=SEED % 1000)
-  q, k, v, d_out, d_lse = _inputs(SEED, 1, 192, 192, 2, 1, 32, jnp.float32)
+                      seed=seed % 1000)
+  q, k, v, d_out, d_lse = _inputs(seed, 1, 192, 192, 2, 1, 32, jnp.float32)
 
   def traced(q, k, v, kv_index, kv_count, kv_mask_id, partial_masks):
     routed = types.SimpleNamespace(
@@ -171,8 +186,9 @@ def test_traced_layout_matches_host_layout():
                                         scale=1 / math.sqrt(32)))
   want = _values_and_grads(reference, q, k, v, d_out, d_lse)
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-    assert np.isfinite(g).all(), name
-    np.testing.assert_allclose(g, w, atol=2e-5 * max(1.0, np.abs(w).max()), err_msg=name)
+    assert np.isfinite(g).all() and np.isfinite(w).all(), f"{name}: NaN/inf, seed={seed}"
+    err, tol = np.abs(g - w).max(), 2e-5 * max(1.0, np.abs(w).max())
+    assert err <= tol, f"{name}: max abs err {err:.3g} > {tol:.3g}, seed={seed}"
 
 
 # Layouts whose block lists are checked directly (transposition, reordering).
@@ -239,13 +255,17 @@ def test_interpret_outputs_start_poisoned():
   assert np.isfinite(out[:4]).all() and np.isnan(out[4:]).all()
 
 
-def test_public_entry_point_and_attend_backend():
+def test_public_entry_point_and_attend_backend(seed):
   layout = lb.sliding_window(128, block_q=32, left=20)
-  q, k, v, _, _ = _inputs(SEED, 1, 128, 128, 2, 2, 16, jnp.float32)
-  out = np.asarray(sa.attend(q, k, v, layout, backend="pallas"))  # interpret=None -> True on CPU
+  q, k, v, _, _ = _inputs(seed, 1, 128, 128, 2, 2, 16, jnp.float32)
   want = np.asarray(dense_reference(q, k, v, layout.to_token_mask(), 0.25)[0])
-  assert np.isfinite(out).all()
-  np.testing.assert_allclose(out, want, atol=2e-5)
+  # interpret=None -> True on CPU; scale=0.125 on 2q is the default 1/sqrt(16) on q.
+  for out in (sa.attend(q, k, v, layout, backend="pallas"),
+              api.block_sparse_attention(2 * q, k, v, layout, scale=0.125)):
+    out = np.asarray(out)
+    assert np.isfinite(out).all(), f"NaN/inf, seed={seed}"
+    err = np.abs(out - want).max()
+    assert err <= 2e-5, f"max abs err {err:.3g}, seed={seed}"
 
 
 H100_SHARED_MEMORY, A100_SHARED_MEMORY = 232448, 166912
@@ -287,6 +307,9 @@ def test_interpret_mode_keeps_gpu_defaults():
 
 @pytest.mark.parametrize("kwargs, shapes, match", [
     (dict(block_sizes=BlockSizes(block_q=24)), None, "block_q=24 must be a positive divisor"),
+    (dict(block_sizes=BlockSizes(block_kv=24)), None, "block_kv=24 must be a positive divisor of "
+                                                      "layout.block_kv=32"),
+    (dict(block_sizes=BlockSizes(block_q_dq=0)), None, "block_q_dq=0 must be a positive divisor"),
     (dict(block_sizes=BlockSizes(block_kv_dkv=8), interpret=False), None, "powers of two >= 16"),
     (dict(block_sizes=BlockSizes(block_q=16), platform="tpu"), None, "TPU kernels use the layout"),
     (dict(platform="tpu", interpret=False), None, "multiples of 128"),
@@ -295,7 +318,10 @@ def test_interpret_mode_keeps_gpu_defaults():
     (dict(), ((1, 96, 4, 16), (1, 96, 2, 16)), "differ from the layout"),
     (dict(), ((1, 64, 3, 16), (1, 64, 1, 16)), "layout has 4 head rows"),
     (dict(block_sizes=BlockSizes(num_warps=3)), None, "num_warps=3"),
+    (dict(block_sizes=BlockSizes(num_warps_bwd=32)), None, "num_warps_bwd=32"),
     (dict(block_sizes=BlockSizes(num_warps_dq=12)), None, "num_warps_dq=12"),
+    (dict(block_sizes=BlockSizes(num_stages=0)), None, "num_stages=0"),
+    (dict(block_sizes=BlockSizes(num_stages_bwd=0)), None, "num_stages_bwd=0"),
     (dict(block_sizes=BlockSizes(num_stages_dq=0)), None, "num_stages_dq=0"),
     (dict(block_sizes=BlockSizes(fused_dq=True), platform="tpu"), None, "fused_dq=True"),
     (dict(interpret=False), ((1, 64, 4, 24), (1, 64, 2, 24)), "head_dim=24"),
@@ -308,14 +334,71 @@ def test_bad_configuration_raises(kwargs, shapes, match):
     api.block_sparse_attention(q, k, k, layout, **kwargs)
 
 
-def test_layout_without_contract_field_raises():
+F32 = jnp.float32
+
+
+@pytest.mark.parametrize("q_shape, kv_shapes, dtypes, match", [
+    ((64, 2, 16), ((1, 64, 2, 16),) * 2, (F32,) * 3, "must be rank 4"),
+    ((1, 64, 2, 16), ((1, 64, 2, 16), (1, 64, 1, 16)), (F32,) * 3, "must have the same shape"),
+    ((2, 64, 2, 16), ((1, 64, 2, 16),) * 2, (F32,) * 3, "must share batch and head_dim"),
+    ((1, 64, 2, 16), ((1, 64, 2, 32),) * 2, (F32,) * 3, "must share batch and head_dim"),
+    ((1, 64, 2, 16), ((1, 64, 2, 16),) * 2, (F32, jnp.bfloat16, jnp.bfloat16), "must be equal"),
+    ((1, 64, 2, 16), ((1, 64, 2, 16),) * 2, (jnp.int32,) * 3, "dtype=int32"),
+])
+def test_bad_inputs_raise(q_shape, kv_shapes, dtypes, match):
+  q, k, v = (jnp.zeros(shape, dtype) for shape, dtype in zip((q_shape, *kv_shapes), dtypes))
+  with pytest.raises(ValueError, match=match):
+    api.block_sparse_attention(q, k, v, lb.dense(64, block_q=32))
+
+
+def _replace(layout, **fields):
+  """The layout's contract fields as a plain namespace, some replaced."""
+  return types.SimpleNamespace(**{**{f.name: getattr(layout, f.name)
+                                     for f in dataclasses.fields(layout)}, **fields})
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda lay: dict(kv_mask_id=None), "missing field 'kv_mask_id'"),
+    (lambda lay: dict(kv_count=lay.kv_count[:, :1]), r"kv_count \(1, 1\) do not match num_q_bl"),
+    (lambda lay: dict(kv_index=lay.kv_index[None]), "do not match num_q_blocks"),
+    (lambda lay: dict(kv_mask_id=lay.kv_mask_id[..., :1]), "kv_mask_id .* must match kv_index"),
+    (lambda lay: dict(partial_masks=lay.partial_masks[:, :16]), "partial_masks .* must be"),
+    (lambda lay: dict(q_index=lay.q_index[:, :1]), "q_index .* does not match"),
+])
+def test_layout_breaking_the_contract_raises(change, match):
   layout = lb.dense(64, block_q=32)
-  broken = types.SimpleNamespace(**{f.name: getattr(layout, f.name)
-                                    for f in dataclasses.fields(layout)})
-  broken.kv_mask_id = None
-  with pytest.raises(ValueError, match="kv_mask_id"):
-    api.block_sparse_attention(jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)),
-                               jnp.zeros((1, 64, 2, 16)), broken)
+  x = jnp.zeros((1, 64, 2, 16))
+  with pytest.raises(ValueError, match=match):
+    api.block_sparse_attention(x, x, x, _replace(layout, **change(layout)))
+
+
+@pytest.mark.parametrize("platform, head_dim, block_q, block_kv, dtype, match", [
+    ("tpu", 64, 128, 256, jnp.bfloat16, None),
+    ("tpu", 40, 128, 128, F32, None),  # TPU kernels take any head dim
+    ("tpu", 64, 64, 64, jnp.bfloat16, r"layout block sizes \(64, 64\).*multiples of 128"),
+    ("tpu", 64, 128, 64, F32, "multiples of 128"),
+    ("gpu", 64, 64, 64, jnp.bfloat16, None),
+    ("gpu", 16, 256, 32, jnp.float16, None),
+    ("gpu", 96, 64, 64, jnp.bfloat16, "head_dim=96: the GPU kernel needs a power of two"),
+    ("gpu", 8, 64, 64, F32, "head_dim=8"),
+    ("gpu", 64, 8, 64, F32, r"BlockSizes.block_q=8 \(default\): Triton tiles must be powers"),
+    ("gpu", 64, 64, 48, F32, r"block_kv=48 \(default\): Triton tiles"),
+    ("gpu", 64, 192, 64, F32, r"block_q=128 \(default\) must be a positive divisor of layout"),
+    ("gpu", 64, 64, 64, jnp.int32, "dtype=int32"),
+])
+def test_unsupported_reason_states_the_compiled_constraints(platform, head_dim, block_q, block_kv,
+                                                            dtype, match):
+  reason = common.unsupported_reason(platform, head_dim, block_q, block_kv, dtype)
+  if match is None:
+    assert reason is None
+  else:
+    assert reason is not None and re.search(match, reason), reason
+    with pytest.raises(ValueError, match=match):  # the same rule, raised by the kernel's tiles
+      common.resolve_tiles(None, layout_block_q=block_q, layout_block_kv=block_kv,
+                           head_dim=head_dim, platform=platform, interpret=False, dtype=dtype)
+  # Interpret mode keeps only the platform-neutral rules (divisors, dtype).
+  lifted = common.unsupported_reason(platform, head_dim, block_q, block_kv, dtype, interpret=True)
+  assert lifted is None or "divisor" in lifted or "dtype" in lifted, lifted
 
 
 @pytest.mark.parametrize("capability, want", [("9.0", 232448), ("10.3", 232448), ("8.6", 101376),

@@ -1,4 +1,8 @@
-"""Blocked CPU causal attention against `jax.nn.dot_product_attention(is_causal=True)`: values and dq/dk/dv."""
+"""Blocked CPU causal attention against `jax.nn.dot_product_attention(is_causal=True)`: values and dq/dk/dv.
+
+Inputs come from the `seed` fixture (tests/conftest.py; fresh under `pytest -m fuzz`) or from hypothesis
+(derandomized except in the `fuzz` twin).
+"""
 
 import functools
 
@@ -7,6 +11,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sparseformer.layers.attention import dense
 
@@ -60,34 +65,48 @@ def _assert_blocked_matches_reference(seed, batch, seq, heads, kv_heads, head_di
   assert max(errors.values()) < TOL[dtype], (errors, dict(seed=seed, seq=seq, block_size=block_size, kv_heads=kv_heads))
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), seq=st.integers(1, 40),
-                  kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
-                  head_dim=st.sampled_from([4, 8]), block_size=st.integers(1, 48))
-def test_blocked_matches_reference(seed, batch, seq, kv_heads, groups, head_dim, block_size):
+BLOCKED_CASES = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), seq=st.integers(1, 40),
+                     kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
+                     head_dim=st.sampled_from([4, 8]), block_size=st.integers(1, 48))
+
+
+def _blocked_case(seed, batch, seq, kv_heads, groups, head_dim, block_size):
   _assert_blocked_matches_reference(seed, batch, seq, kv_heads * groups, kv_heads, head_dim, block_size, jnp.float32)
 
 
-def test_blocked_matches_reference_at_model_shape():
+@hypothesis.settings(max_examples=15, deadline=None)  # derandomized by the conftest profile
+@hypothesis.given(**BLOCKED_CASES)
+def test_blocked_matches_reference(seed, batch, seq, kv_heads, groups, head_dim, block_size):
+  _blocked_case(seed, batch, seq, kv_heads, groups, head_dim, block_size)
+
+
+@pytest.mark.fuzz
+@hypothesis.settings(max_examples=15, deadline=None, derandomize=False)
+@hypothesis.given(**BLOCKED_CASES)
+def test_blocked_matches_reference_fuzz(seed, batch, seq, kv_heads, groups, head_dim, block_size):
+  _blocked_case(seed, batch, seq, kv_heads, groups, head_dim, block_size)
+
+
+def test_blocked_matches_reference_at_model_shape(seed):
   """The `small` preset's head shape, blocks of 128 (the CPU default), a ragged last block."""
-  _assert_blocked_matches_reference(np.random.default_rng().integers(2**31), 1, 300, 8, 8, 64,
-                                    dense.CPU_BLOCK_SIZE, jnp.float32)
+  _assert_blocked_matches_reference(seed, 1, 300, 8, 8, 64, dense.CPU_BLOCK_SIZE, jnp.float32)
 
 
-def test_blocked_bfloat16():
-  _assert_blocked_matches_reference(np.random.default_rng().integers(2**31), 2, 70, 4, 2, 16, 32, jnp.bfloat16)
+def test_blocked_bfloat16(seed):
+  _assert_blocked_matches_reference(seed, 2, 70, 4, 2, 16, 32, jnp.bfloat16)
 
 
-def test_tolerance_catches_a_wrong_mask():
+def test_tolerance_catches_a_wrong_mask(seed):
   """The same check on the non-causal reference fails by far: the tolerance is tight enough to see the mask."""
-  q, k, v, cotangent = _random_inputs(np.random.default_rng().integers(2**31), 2, 33, 4, 2, 8, jnp.float32)
+  q, k, v, cotangent = _random_inputs(seed, 2, 33, 4, 2, 8, jnp.float32)
   expected = _values_and_grads(q, k, v, cotangent, is_causal=False)
   got = _values_and_grads(q, k, v, cotangent, block_size=8)
-  assert min(_relative_errors(got, expected).values()) > 100 * TOL[jnp.float32]
+  errors = _relative_errors(got, expected)
+  assert min(errors.values()) > 100 * TOL[jnp.float32], (errors, dict(seed=seed))
 
 
-def test_causal_attention_dispatch():
-  q, k, v, _ = _random_inputs(np.random.default_rng().integers(2**31), 1, 20, 4, 4, 8, jnp.float32)
+def test_causal_attention_dispatch(seed):
+  q, k, v, _ = _random_inputs(seed, 1, 20, 4, 4, 8, jnp.float32)
   got = np.asarray(dense.causal_attention(q, k, v))
   if jax.default_backend() == "cpu":
     expected = dense.blocked_causal_attention(q, k, v)
