@@ -23,7 +23,7 @@ BACKENDS = ("auto", "reference", "xla", "pallas")  # what backends.attend accept
 class SparseAttentionConfig:
   """Parameters shared by the sparse attention kinds; each kind reads the fields it needs."""
 
-  backend: str = "auto"  # reference | xla | pallas | auto (pallas on GPU/TPU when available, else xla)
+  backend: str = "auto"  # reference | xla | pallas | auto (pallas on GPU/TPU when the kernel takes the shapes, else xla)
   block_size: int = 64  # tokens per query block (and per key block unless block_kv_size is set)
   block_kv_size: int = 0  # tokens per key block; 0 = block_size (rectangular blocks otherwise)
   causal: bool = True  # False builds bidirectional (encoder) layouts; decoders keep True
