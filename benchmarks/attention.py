@@ -350,7 +350,7 @@ def report(paths: list[str], docs: str = DOCS) -> None:
   m = runs[0]["machine"]
   section = (f"{TABLE_START}\nMachine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
              f"{len(grid_runs)} grid run(s) and {len(ablation_runs)} ablation run(s); 1-min load average at "
-             f"their start: {loads} (other jobs shared the 2 cores). H = {HEADS}, D = {DIM}, batch 1, f32, "
+             f"their start: {loads} (the benchmark's own process included). H = {HEADS}, D = {DIM}, batch 1, f32, "
              f"blocks of {BLOCK}, causal.\n\n{_table(rows)}\n\n![time vs T](attention.png)\n\n"
              f"Differentiation ablation:\n\n{_ablation_table(ablation_runs) if ablation_runs else '(not run)'}\n\n"
              f"The three patterns at T = 2048 (block view and token mask):\n\n"
