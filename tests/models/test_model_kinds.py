@@ -154,7 +154,7 @@ def test_narrow_window_changes_outputs():
   assert difference[:, :24].max() < 2e-4 and difference[:, 40:].max() > 1e-3
 
 
-@pytest.mark.parametrize("ffn_pattern", [("moe",), ("dense", "moe")])
+@pytest.mark.parametrize("ffn_pattern", [pytest.param(("moe",), marks=pytest.mark.slow), ("dense", "moe")])
 def test_moe_model_trains_and_reports_per_layer_metrics(ffn_pattern):
   config = _tiny(ffn_pattern=ffn_pattern, moe=moe_config.mixtral(num_experts=4, expert_hidden=64, block_size=16))
   model = DecoderLM(config, rngs=nnx.Rngs(0))
