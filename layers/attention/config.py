@@ -59,7 +59,7 @@ class SparseAttentionConfig:
                        f"{self.stride}; lower summary_tokens or raise stride.")
     if not isinstance(self.layout_factory, str):
       raise ValueError("attention.layout_factory must be a string ('package.module:function' or a name "
-                       "registered with attention_patterns.register_layout_factory), not "
+                       "registered with layers.attention.register_layout_factory), not "
                        f"{type(self.layout_factory).__name__}; configs stay JSON-serialisable.")
 
   @property

@@ -73,7 +73,7 @@ def validate_kind(kind: str, config: SparseAttentionConfig) -> None:
   if kind == "custom":
     if not config.layout_factory:
       raise ValueError("attention kind 'custom' needs attention.layout_factory='package.module:function' "
-                       "(or a name registered with attention_patterns.register_layout_factory).")
+                       "(or a name registered with layers.attention.register_layout_factory).")
     resolve_layout_factory(config.layout_factory)
 
 
