@@ -378,7 +378,7 @@ def write_report(out_dir: str, report: dict) -> None:
       f"Inputs {cfg['dtype']}, H = {cfg['heads']} (MHA), D = {cfg['head_dim']}, batch = "
       f"{cfg['tokens_per_step']} / T, layout blocks {cfg['layout_block']}; kernel tiles: "
       + (f"`{report['block_sizes']}` (from `{report['block_sizes_from']}`)"
-         if report.get("block_sizes") else "the defaults of `common.resolve_tiles`")
+         if report.get("block_sizes") else "the defaults of `tiles.resolve_tiles`")
       + ". Times are medians over 5 windows of back-to-back calls. "
       "Effective TFLOP/s count only the visited (query, key) blocks (4·pairs·D forward, 3.5x "
       "that for forward+backward); cuDNN and Pallas `mha` count the causal half. `bound` = "

@@ -36,7 +36,7 @@ else:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sparseformer.kernels.block_sparse_attention import BlockSizes, common, gpu  # noqa: E402
+from sparseformer.kernels.block_sparse_attention import BlockSizes, common, gpu, tiles as tiles_lib  # noqa: E402
 
 CFG = bench.FULL
 TUNE_SEQ = 16384
@@ -97,7 +97,7 @@ def all_candidates() -> list[BlockSizes]:
 def kernel_programs(layout, sizes: BlockSizes, seq: int):
   """jitted (forward, dq, dkv) kernel programs on the padded arrays of this layout."""
   arrays, meta = common.layout_to_arrays(layout, CFG.heads)
-  tiles = common.resolve_tiles(sizes, layout_block_q=meta.block_q, layout_block_kv=meta.block_kv,
+  tiles = tiles_lib.resolve_tiles(sizes, layout_block_q=meta.block_q, layout_block_kv=meta.block_kv,
                                head_dim=CFG.head_dim, platform="gpu", interpret=CFG.interpret)
   scale = CFG.head_dim ** -0.5
   fwd = jax.jit(lambda q, k, v: gpu.forward(q, k, v, arrays, meta, tiles, scale, CFG.interpret))

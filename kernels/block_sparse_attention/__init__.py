@@ -8,9 +8,8 @@ See kernels/README.md for concepts, features, usage and limitations.
 
 from sparseformer.kernels.block_sparse_attention.api import block_sparse_attention
 from sparseformer.kernels.block_sparse_attention.api import block_sparse_attention_with_lse
-from sparseformer.kernels.block_sparse_attention.common import BlockSizes
 from sparseformer.kernels.block_sparse_attention.common import transpose_block_lists
-from sparseformer.kernels.block_sparse_attention.common import unsupported_reason
+from sparseformer.kernels.block_sparse_attention.tiles import BlockSizes, unsupported_reason
 
 __all__ = [
     "BlockSizes",

@@ -6,7 +6,7 @@
 The forward kernel visits, for each (batch, head, query tile), only the key blocks listed by the
 layout, with an online softmax; the backward pass is a `delta = rowsum(dO * O) - dlse` pre-pass,
 a dQ kernel over the same lists and a dK/dV kernel over the transposed lists. The platform glue
-lives in gpu.py (Triton) and tpu.py (Mosaic); the math in common.py.
+lives in gpu.py (Triton) and tpu.py (Mosaic); the math in common.py, tile sizes in tiles.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparseformer.kernels.block_sparse_attention import common, gpu, tpu
-from sparseformer.kernels.block_sparse_attention.common import (BlockSizes, LayoutArrays,
-                                                                LayoutMeta, Tiles)
+from sparseformer.kernels.block_sparse_attention import common, gpu, tiles as tiles_lib, tpu
+from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta
+from sparseformer.kernels.block_sparse_attention.tiles import BlockSizes, Tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _check_inputs(q, k, v, meta: LayoutMeta) -> None:
   if q.shape[1] != meta.seq_q or k.shape[1] != meta.seq_kv:
     raise ValueError(f"sequence lengths (T={q.shape[1]}, S={k.shape[1]}) differ from the layout's "
                      f"(seq_q={meta.seq_q}, seq_kv={meta.seq_kv}); build the layout for them.")
-  if not q.dtype == k.dtype == v.dtype:  # which dtypes: common.unsupported_reason
+  if not q.dtype == k.dtype == v.dtype:  # which dtypes: tiles.unsupported_reason
     raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal.")
 
 
@@ -71,7 +71,7 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
       lists may be traced device arrays (the transposed view is then computed on device).
     scale: logit scale, default 1/sqrt(D).
     interpret: run the Pallas kernels in interpret mode; None = True on the CPU backend.
-    block_sizes: kernel tiles / GPU launch knobs (`common.BlockSizes`); None = defaults.
+    block_sizes: kernel tiles / GPU launch knobs (`tiles.BlockSizes`); None = defaults.
     platform: "gpu" (Triton kernels, also the CPU interpret path) or "tpu"; None = from backend.
   Returns:
     out, and lse = log(sum_k exp(scale * q.k)) over visible keys (natural log). A query row with
@@ -79,7 +79,7 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
   Raises:
     ValueError, naming the argument or field and the fix: shapes that disagree with each other or
     with the layout, a layout missing a contract field or with lists of the wrong shape, unequal
-    dtypes, an unknown platform, and what `common.unsupported_reason` rejects (dtype, head_dim,
+    dtypes, an unknown platform, and what `tiles.unsupported_reason` rejects (dtype, head_dim,
     layout blocks and tiles for the platform, launch knobs).
   """
   q, k, v = (jnp.asarray(x) for x in (q, k, v))  # any array-like (NumPy, lists) from here on
@@ -87,7 +87,7 @@ def block_sparse_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, la
   _check_inputs(q, k, v, meta)
   platform = _resolve_platform(platform)
   interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
-  tiles = common.resolve_tiles(block_sizes, layout_block_q=meta.block_q,
+  tiles = tiles_lib.resolve_tiles(block_sizes, layout_block_q=meta.block_q,
                                layout_block_kv=meta.block_kv, head_dim=q.shape[3],
                                platform=platform, interpret=interpret,
                                itemsize=jnp.dtype(q.dtype).itemsize, dtype=q.dtype)

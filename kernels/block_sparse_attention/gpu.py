@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sparseformer.kernels.block_sparse_attention import common
-from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta, Tiles
+from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta
+from sparseformer.kernels.block_sparse_attention.tiles import Tiles
 
 
 def _full(shape) -> pl.BlockSpec:

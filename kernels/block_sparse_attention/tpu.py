@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sparseformer.kernels.block_sparse_attention import common
-from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta, Tiles
+from sparseformer.kernels.block_sparse_attention.common import LayoutArrays, LayoutMeta
+from sparseformer.kernels.block_sparse_attention.tiles import Tiles
 
 LANES = 128
 SUBLANES = 8

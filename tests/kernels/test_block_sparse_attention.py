@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from sparseformer.kernels.block_sparse_attention import api, common
+from sparseformer.kernels.block_sparse_attention import api, common, tiles as tiles_lib
 from sparseformer.kernels.block_sparse_attention import BlockSizes
 from sparseformer.layers.attention import backends as sa, builders as lb, layouts
 
@@ -284,7 +284,7 @@ H100_SHARED_MEMORY, A100_SHARED_MEMORY = 232448, 166912
     (2, A100_SHARED_MEMORY, BlockSizes(num_stages=3), dict(fwd_kv=64, num_stages=3)),
 ])
 def test_gpu_defaults_fit_shared_memory(itemsize, budget, sizes, want):
-  tiles = common.resolve_tiles(sizes, layout_block_q=128, layout_block_kv=128, head_dim=128,
+  tiles = tiles_lib.resolve_tiles(sizes, layout_block_q=128, layout_block_kv=128, head_dim=128,
                                platform="gpu", interpret=False, itemsize=itemsize,
                                shared_memory_bytes=budget)
   assert {name: getattr(tiles, name) for name in want} == want
@@ -294,7 +294,7 @@ def test_gpu_defaults_fit_shared_memory(itemsize, budget, sizes, want):
 
 
 def test_interpret_mode_keeps_gpu_defaults():
-  tiles = common.resolve_tiles(None, layout_block_q=128, layout_block_kv=128, head_dim=128,
+  tiles = tiles_lib.resolve_tiles(None, layout_block_q=128, layout_block_kv=128, head_dim=128,
                                platform="gpu", interpret=True, itemsize=4,
                                shared_memory_bytes=1024)
   assert (tiles.fwd_q, tiles.fwd_kv, tiles.dq_kv, tiles.dkv_q) == (128, 128, 64, 64)
@@ -388,16 +388,16 @@ def test_layout_breaking_the_contract_raises(change, match):
 ])
 def test_unsupported_reason_states_the_compiled_constraints(platform, head_dim, block_q, block_kv,
                                                             dtype, match):
-  reason = common.unsupported_reason(platform, head_dim, block_q, block_kv, dtype)
+  reason = tiles_lib.unsupported_reason(platform, head_dim, block_q, block_kv, dtype)
   if match is None:
     assert reason is None
   else:
     assert reason is not None and re.search(match, reason), reason
     with pytest.raises(ValueError, match=match):  # the same rule, raised by the kernel's tiles
-      common.resolve_tiles(None, layout_block_q=block_q, layout_block_kv=block_kv,
+      tiles_lib.resolve_tiles(None, layout_block_q=block_q, layout_block_kv=block_kv,
                            head_dim=head_dim, platform=platform, interpret=False, dtype=dtype)
   # Interpret mode keeps only the platform-neutral rules (divisors, dtype).
-  lifted = common.unsupported_reason(platform, head_dim, block_q, block_kv, dtype, interpret=True)
+  lifted = tiles_lib.unsupported_reason(platform, head_dim, block_q, block_kv, dtype, interpret=True)
   assert lifted is None or "divisor" in lifted or "dtype" in lifted, lifted
 
 
@@ -405,11 +405,11 @@ def test_unsupported_reason_states_the_compiled_constraints(platform, head_dim, 
                                               ("8.0", 166912), ("13.7", 101376), ("", 101376)])
 def test_gpu_shared_memory_by_compute_capability(monkeypatch, capability, want):
   device = types.SimpleNamespace(compute_capability=capability)
-  monkeypatch.setattr(common.jax, "devices", lambda backend=None: [device])
-  assert common.gpu_shared_memory_bytes() == want
+  monkeypatch.setattr(tiles_lib.jax, "devices", lambda backend=None: [device])
+  assert tiles_lib.gpu_shared_memory_bytes() == want
 
 
 def test_gpu_shared_memory_without_a_gpu_is_an_h100s():
   if jax.default_backend() != "cpu":
     pytest.skip("a GPU (or TPU) is attached")
-  assert common.gpu_shared_memory_bytes() == 232448
+  assert tiles_lib.gpu_shared_memory_bytes() == 232448
