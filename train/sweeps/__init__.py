@@ -1,0 +1,1 @@
+"""Sweeps: many ordinary runs of one study (plan, run, status) and the reports over their files."""
