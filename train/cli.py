@@ -1,9 +1,11 @@
-"""`sparseformer` command line: train, eval, sample, experiments, show-config."""
+"""`sparseformer` command line: train, eval, sample, experiments, show-config, sweep."""
 
 import argparse
 import json
 import os
 import sys
+
+from sparseformer.train.sweeps import commands as sweep_commands
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
   show.add_argument("--experiment", default="quickstart")
   show.add_argument("--variant")
   show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+  sweep_commands.add_parser(commands)
   return parser
 
 
@@ -59,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
   except RuntimeError as error:  # NonFiniteError, CheckpointError
     print(f"sparseformer {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"sparseformer {args.command}: interrupted.", file=sys.stderr)
+    return 130
 
 
 def _run(args: argparse.Namespace) -> int:
   # Imported after parsing, so `--help` and argument errors answer at once instead of after loading JAX.
   # pylint: disable=import-outside-toplevel
+  if args.command == "sweep":
+    return sweep_commands.run(args)
   import jax
 
   from sparseformer import experiments
@@ -76,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     for name in experiments.names():
       grid = experiments.variants(name)
       listing = f"\nvariants: {', '.join(grid)}" if grid else ""
+      size = sweep_commands.sweep_size(name)
+      listing += f"\nsweep: {size}" if size else ""
       print(f"== {name}\n{experiments.describe(name)}{listing}\n")
     return 0
   if args.command == "show-config":
