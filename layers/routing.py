@@ -3,8 +3,9 @@
 Pure functions of arrays (the top-k selection, gate normalisation, losses,
 statistics, the bias update) plus a thin `Router` module that owns the router
 weight and the balancing state. All router math runs in float32 whatever the
-compute dtype. `top_k_select` is the one top-k selection of the code base: MoE
-routing and content-routed attention (top-k key blocks) both call it.
+compute dtype. `top_k_select` (MoE routing) and `masked_top_k` (content-routed
+attention: forced entries, masks before ranking, -1 padding) are the top-k
+selections of the code base; both rank with `jax.lax.top_k` (ties to the lower index).
 
 Shapes: N tokens (any leading dims flatten to tokens), E experts, k picks.
 Statistics are means over every token they are given: under `jax.jit` with a
@@ -81,6 +82,43 @@ def top_k_select(scores: jax.Array, k: int, *, bias: jax.Array | None = None,
   picked_valid = jnp.take_along_axis(choice, indices, axis=-1) > _MASKED / 2
   values = jnp.take_along_axis(scores, indices, axis=-1)
   return TopK(values, indices.astype(jnp.int32), picked_valid)
+
+
+def masked_top_k(scores: jax.Array, k: int, *, mask: jax.Array | None = None,
+                 forced: jax.Array | None = None) -> TopK:
+  """Top-k along the last axis of `scores` [..., E] with forced entries and a mask: the selection of
+  content-routed attention (MoBA's own block, NSA's initial and local blocks, DSA's top-k keys).
+
+  `mask` [..., E] bool (broadcastable; True = may be picked) is applied before ranking: a masked entry is
+  never picked. `forced` [..., E] bool entries are always picked, count in k and rank first (a forced entry
+  is picked even where `mask` is False); with more than k forced entries the k lowest indices win. The
+  others rank by decreasing score in f32, ties to the lower index (NaN ranks lowest among allowed entries).
+  k may exceed E, and fewer than k entries may be allowed: the remaining slots have index -1, value 0 and
+  valid False. Selection carries no gradient: values are the picked scores under stop_gradient.
+
+  Returns TopK(values [..., k], indices int32 [..., k] in rank order, valid bool [..., k]).
+  """
+  num = scores.shape[-1]
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"masked_top_k: k={k!r} must be an integer >= 1")
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  finite = jnp.finfo(jnp.float32).max
+  # Allowed scores are squeezed into the finite range, so +inf (forced) and -inf (masked) stay apart from them.
+  rank = jnp.where(jnp.isnan(scores), -finite, jnp.clip(scores, -finite, finite))
+  allowed = jnp.ones(scores.shape, bool) if mask is None else jnp.broadcast_to(mask, scores.shape)
+  if forced is not None:
+    forced = jnp.broadcast_to(forced, scores.shape)
+    allowed = allowed | forced
+    rank = jnp.where(forced, jnp.inf, rank)
+  rank = jnp.where(allowed, rank, -jnp.inf)
+  _, indices = jax.lax.top_k(rank, min(k, num))  # lax.top_k puts the lower index first among equal values
+  valid = jnp.take_along_axis(allowed, indices, axis=-1)
+  values = jnp.where(valid, jnp.take_along_axis(scores, indices, axis=-1), 0.0)
+  indices = jnp.where(valid, indices, -1).astype(jnp.int32)
+  if k > num:
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, k - num)]
+    values, indices, valid = jnp.pad(values, pad), jnp.pad(indices, pad, constant_values=-1), jnp.pad(valid, pad)
+  return TopK(values, indices, valid)
 
 
 def router_scores(logits: jax.Array, score_function: str) -> jax.Array:

@@ -35,11 +35,21 @@ class Block(nnx.Module):
                         out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    x = x + self.attention(self.attention_norm(x), positions)
+    """-> (x, aux): aux["aux_loss"] sums the attention's and the FFN's weighted losses; every other entry is a
+    metric named `attention/{name}` or `{ffn_kind}/{name}`."""
+    attended, attention_aux = self.attention(self.attention_norm(x), positions)
+    x = x + attended
     if self.ffn_kind == "moe":
-      y, aux = self.ffn(self.ffn_norm(x))
+      y, ffn_aux = self.ffn(self.ffn_norm(x))
     else:
-      y, aux = self.ffn(self.ffn_norm(x)), {}
+      y, ffn_aux = self.ffn(self.ffn_norm(x)), {}
+    aux = {}
+    for prefix, part in (("attention", attention_aux), (self.ffn_kind, ffn_aux)):
+      for name, value in part.items():
+        if name == "aux_loss":
+          aux["aux_loss"] = aux["aux_loss"] + value if "aux_loss" in aux else value
+        else:
+          aux[f"{prefix}/{name}"] = value
     return x + y, aux
 
 
@@ -47,7 +57,8 @@ class DecoderLM(nnx.Module):
   """tokens [B, T] -> (logits [B, T, V] f32, aux).
 
   `aux["aux_loss"]` is the sum of the layers' auxiliary losses (already weighted; add it to the LM loss);
-  every other entry is a per-layer metric named `layer{i}/{ffn_kind}/{name}`.
+  every other entry is a per-layer metric named `layer{i}/{ffn_kind}/{name}` (MoE) or `layer{i}/attention/{name}`
+  (content-routed attention).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -77,7 +88,7 @@ class DecoderLM(nnx.Module):
         if name == "aux_loss":
           aux_loss = aux_loss + value
         else:
-          metrics[f"layer{layer}/{block.ffn_kind}/{name}"] = value
+          metrics[f"layer{layer}/{name}"] = value
     x = self.final_norm(x)
     if config.tie_embeddings:
       logits = self.embedding.attend(x)

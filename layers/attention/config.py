@@ -12,9 +12,15 @@ Each kind of `layers/attention/kinds.py` reads the fields it needs:
   chunked     Llama-4 chunked causal              chunk_size
   sinks       StreamingLLM sinks + window         num_sinks, window
   custom      your own layout factory             layout_factory
+  moba        MoBA top-k key blocks                moba.* (routed/config.py)
+  nsa         NSA compressed + selected + window   nsa.*
+  dsa         DSA lightning indexer, top-k keys    dsa.*
+  dsa_block   DSA, indexer max-pooled per block    dsa.*
 """
 
 import dataclasses
+
+from sparseformer.layers.attention.routed.config import DSAConfig, MoBAConfig, NSAConfig
 
 BACKENDS = ("auto", "reference", "xla", "pallas")  # what backends.attend accepts
 
@@ -39,6 +45,9 @@ class SparseAttentionConfig:
   chunk_size: int = 1024  # chunked: tokens per attention chunk (Llama 4 uses 8192)
   num_sinks: int = 4  # sinks: leading tokens always visible (StreamingLLM uses 4)
   layout_factory: str = ""  # custom: "package.module:function" or a name given to register_layout_factory
+  moba: MoBAConfig = MoBAConfig()  # moba: block size, top-k, xla scheme
+  nsa: NSAConfig = NSAConfig()  # nsa: compression, selection and window branches
+  dsa: DSAConfig = DSAConfig()  # dsa / dsa_block: indexer, top-k, training stage
 
   def __post_init__(self):
     if self.backend not in BACKENDS:

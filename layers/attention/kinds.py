@@ -13,6 +13,10 @@ Kinds (see config.py for the fields each reads; the builders cite the papers):
   chunked     chunked causal (Llama 4)
   sinks       attention sinks + window (StreamingLLM, Xiao et al., 2023)
   custom      `layout_factory(config, seq_len=..., num_heads=...) -> BlockLayout`
+
+Content-routed kinds (ROUTED_KINDS: moba, nsa, dsa, dsa_block; layers/attention/routed/) choose their keys
+from the content inside jit: `validate_kind` checks them, but they have no host layout (`build_layout`
+refuses them); `Attention` runs them through `routed.make_routed`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from collections.abc import Callable
 from sparseformer.layers.attention import builders as lb
 from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.layers.attention.layouts import BlockLayout
+from sparseformer.layers.attention.routed.config import ROUTED_KINDS
 
+# Kinds with a static host layout; ROUTED_KINDS build theirs inside jit.
 ATTENTION_KINDS = ("global", "local", "strided", "fixed", "bigbird", "longformer", "chunked", "sinks", "custom")
 
 LayoutFactory = Callable[..., BlockLayout]  # (config, *, seq_len, num_heads) -> BlockLayout
@@ -58,8 +64,12 @@ def resolve_layout_factory(path: str) -> LayoutFactory:
 
 def validate_kind(kind: str, config: SparseAttentionConfig) -> None:
   """Raises a ValueError naming the field and the fix if `kind` cannot be built from `config`."""
-  if kind not in ATTENTION_KINDS:
-    raise ValueError(f"attention kind {kind!r} is unknown; choose from {ATTENTION_KINDS}.")
+  if kind not in ATTENTION_KINDS + ROUTED_KINDS:
+    raise ValueError(f"attention kind {kind!r} is unknown; choose from {ATTENTION_KINDS + ROUTED_KINDS}.")
+  if kind in ROUTED_KINDS:
+    if not config.causal:
+      raise ValueError(f"attention kind {kind!r} is causal only (its selections exclude future keys); set "
+                       "attention.causal=True.")
   if kind == "sinks":
     if not config.causal:
       raise ValueError("attention kind 'sinks' is causal only; set attention.causal=True.")
@@ -89,6 +99,10 @@ def build_layout(kind: str, config: SparseAttentionConfig, *, seq_len: int, num_
   """
   if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
     raise ValueError(f"layer ({layer!r}) must be an integer >= 0")
+  if kind in ROUTED_KINDS:
+    raise ValueError(f"attention kind {kind!r} is content-routed: its layout is built inside jit from the "
+                     "queries and keys, so there is no host layout to build; use layers.attention.Attention "
+                     "(or routed.make_routed) for it.")
   return _cached_layout(kind, config, seq_len=seq_len, num_heads=num_heads, layer=layer if kind == "bigbird" else 0)
 
 

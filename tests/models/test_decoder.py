@@ -61,7 +61,9 @@ def _attention(num_kv_heads, seed=0):
 def test_attention_with_as_many_kv_heads_as_heads_equals_plain_mha():
   attention = _attention(num_kv_heads=4)
   x = np.random.default_rng(0).normal(size=(2, 10, 32)).astype(np.float32)
-  got = np.asarray(attention(jnp.asarray(x), jnp.arange(10)))
+  got, aux = attention(jnp.asarray(x), jnp.arange(10))
+  got = np.asarray(got)
+  assert aux == {}
   want = _plain_mha(x, attention.wq[...], attention.wk[...], attention.wv[...], attention.wo[...], 10_000.0)
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got, want, atol=2e-5)
@@ -72,7 +74,7 @@ def test_gqa_equals_mha_with_kv_heads_repeated_across_each_group():
   x = np.random.default_rng(1).normal(size=(2, 9, 32)).astype(np.float32)
   repeat = lambda w: np.repeat(np.asarray(w), 2, axis=1)  # query heads 0,1 share kv head 0
   want = _plain_mha(x, gqa.wq[...], repeat(gqa.wk[...]), repeat(gqa.wv[...]), gqa.wo[...], 10_000.0)
-  got = np.asarray(gqa(jnp.asarray(x), jnp.arange(9)))
+  got = np.asarray(gqa(jnp.asarray(x), jnp.arange(9))[0])
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
