@@ -11,6 +11,7 @@ ROUTED_KINDS = ("moba", "nsa", "dsa", "dsa_block")  # kinds whose keys are chose
 MOBA_SCHEMES = ("union", "kv_major")
 NSA_COMPRESSIONS = ("mlp", "mean")
 NSA_GATES = ("mlp", "linear")
+NSA_BRANCHES = ("compressed", "selected", "window")  # order of the gate outputs
 DSA_STAGES = ("sparse", "warmup")
 
 
@@ -57,6 +58,8 @@ class NSAConfig:
   compression: str = "mlp"  # phi: mlp (learned, intra-block positions; the paper) | mean (pooling)
   gate: str = "mlp"  # branch gates from the input: mlp + sigmoid (the paper) | linear + sigmoid
   separate_kv: bool = True  # independent K/V projections per branch (paper: against shortcut learning)
+  gate_hidden: int = 64  # gate="mlp": hidden width of the gate MLP (eq. 5)
+  branches: tuple[str, ...] = ("compressed", "selected", "window")  # branches summed; leave some out for ablations
 
   def __post_init__(self):
     _check_ints("nsa", self, {"compress_block": 1, "compress_stride": 1, "select_block": 1, "num_selected": 1,
@@ -78,6 +81,12 @@ class NSAConfig:
                        f"must be <= attention.nsa.num_selected={self.num_selected}; the forced blocks count in n.")
     if not isinstance(self.separate_kv, bool):
       raise ValueError(f"attention.nsa.separate_kv={self.separate_kv!r} must be True or False.")
+    _check_ints("nsa", self, {"gate_hidden": 1})
+    branches = self.branches
+    if (not isinstance(branches, tuple) or not branches or len(set(branches)) != len(branches)
+        or not set(branches) <= set(NSA_BRANCHES)):
+      raise ValueError(f"attention.nsa.branches={branches!r} must be a non-empty tuple of distinct names from "
+                       f"{NSA_BRANCHES}; e.g. attention.nsa.branches=('selected','window').")
 
 
 @dataclasses.dataclass(frozen=True)
