@@ -59,9 +59,25 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
+    if self.data.resolved_source == "task":
+      self._check_task()
     if self.data.seq_len > self.model.max_seq_len:
       raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
                        "raise model.max_seq_len or lower data.seq_len.")
     if self.data.batch_size % self.train.grad_accum_steps:
       raise ValueError(f"data.batch_size ({self.data.batch_size}) must be a multiple of train.grad_accum_steps "
                        f"({self.train.grad_accum_steps}).")
+
+  def _check_task(self) -> None:
+    """A task fixes the vocabulary and every evaluation mix's length: the model must match (an error, never a
+    silent change, so a run's config.json always says what was trained)."""
+    task = self.data.task_config
+    field = f"data.{self.data.task}.vocab_size" if hasattr(task, "vocab_size") else f"data.task={self.data.task!r}"
+    if self.model.vocab_size != task.task_vocab_size:
+      raise ValueError(f"model.vocab_size={self.model.vocab_size} does not match the vocabulary of {field} "
+                       f"({task.task_vocab_size} ids); set model.vocab_size={task.task_vocab_size}.")
+    for mix in task.mixes(self.data.seq_len)[1:]:
+      if mix.seq_len > self.model.max_seq_len:
+        raise ValueError(f"data.{self.data.task}.eval_mixes[{mix.name}] has seq_len {mix.seq_len}, above "
+                         f"model.max_seq_len ({self.model.max_seq_len}); raise model.max_seq_len to "
+                         f"{mix.seq_len} or shorten the mix.")

@@ -26,6 +26,10 @@ what the order depends on, checked by `set_state`. The batch size is not part of
 resumed run may change `batch_size` (or the process count) and still continue from the
 next unseen example.
 
+Tasks. `data.source="task"` generates examples instead (train/tasks/): `make_train_batches`,
+`validation_sets` and `load_source` dispatch on the source, so the trainer reads every source alike.
+Every batch carries `loss_mask` (float32 [B, T]): all ones for text, the labelled positions of a task.
+
 Index arithmetic instead of grain: one gather per batch, a per-epoch random offset (which
 grain's window sources do not give), and state that is one integer. Same contract as a
 grain `MapDataset.shuffle(seed).repeat().batch()` iterator, with identical resume.
@@ -59,18 +63,20 @@ def _process_slice(config: DataConfig, process_index: int | None,
 
 
 def _windows_to_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
-  """int32 inputs/targets [rows, seq_len] from token windows [rows, seq_len + 1]."""
+  """int32 inputs/targets [rows, seq_len] from token windows [rows, seq_len + 1], and an all-ones float32
+  loss_mask (language modelling predicts every token)."""
   windows = windows.astype(np.int32)
   return {"inputs": np.ascontiguousarray(windows[:, :-1]),
-          "targets": np.ascontiguousarray(windows[:, 1:])}
+          "targets": np.ascontiguousarray(windows[:, 1:]),
+          "loss_mask": np.ones((windows.shape[0], windows.shape[1] - 1), np.float32)}
 
 
 class TrainBatches:
   """Infinite iterator over this process's rows of the training batches.
 
-  Yields dict(inputs=int32[B_local, seq_len], targets=int32[B_local, seq_len]) with
-  B_local = batch_size // process_count and targets[:, t] == inputs[:, t + 1] within the
-  window's next token. Deterministic given (corpus, seq_len, seed); see module docstring.
+  Yields dict(inputs=int32[B_local, seq_len], targets=int32[B_local, seq_len],
+  loss_mask=float32 ones [B_local, seq_len]) with B_local = batch_size // process_count and
+  targets[:, t] == inputs[:, t + 1] within the window's next token. Deterministic given (corpus, seq_len, seed); see module docstring.
   """
 
   def __init__(self, corpus: Corpus, config: DataConfig, process_index: int | None = None,
@@ -183,6 +189,34 @@ def validation_batches(corpus: Corpus, config: DataConfig, process_index: int | 
   windows = np.asarray(corpus.val_tokens[:num_batches * config.batch_size * window])
   windows = windows.reshape(num_batches, config.batch_size, window)
   return [_windows_to_batch(batch[row_start:row_start + local_rows]) for batch in windows]
+
+
+# -- dispatch over sources (text corpora and tasks)
+
+def load_source(config: DataConfig) -> Corpus | None:
+  """The tokenized corpus of a text source, or None for a task (which generates its examples)."""
+  return None if config.resolved_source == "task" else load_corpus(config)
+
+
+def make_train_batches(config: DataConfig, corpus: Corpus | None, process_index: int | None = None,
+                       process_count: int | None = None):
+  """The training iterator of `config`'s source: TrainBatches over `corpus`, or tasks.TaskBatches."""
+  if config.resolved_source == "task":
+    from sparseformer.train.tasks import batches as task_batches  # pylint: disable=import-outside-toplevel  (cycle)
+
+    return task_batches.TaskBatches(config, process_index, process_count)
+  return TrainBatches(corpus, config, process_index, process_count)
+
+
+def validation_sets(config: DataConfig, corpus: Corpus | None, process_index: int | None = None,
+                    process_count: int | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+  """{mix name: this process's rows of each validation batch}: "" is the validation set (logged eval/*);
+  a task adds one entry per extra evaluation mix (eval/<mix>/*)."""
+  if config.resolved_source == "task":
+    from sparseformer.train.tasks import batches as task_batches  # pylint: disable=import-outside-toplevel  (cycle)
+
+    return task_batches.validation_sets(config, process_index, process_count)
+  return {"": validation_batches(corpus, config, process_index, process_count)}
 
 
 def local_batch_shard(sharding: jax.sharding.Sharding, config: DataConfig) -> tuple[int, int]:
