@@ -98,17 +98,19 @@ class DSAConfig:
   topk: int = 2048  # keys per query (all keys while t < topk)
   block_size: int = 64  # dsa_block: key block the indexer scores are max-pooled over
   key_chunk: int = 1024  # indexer keys scored per step of the running top-k (never [T, T] scores)
+  query_chunk: int = 128  # queries per step of the indexer, the token-gather attention and the KL losses
   stage: str = "sparse"  # warmup (dense attention, only the indexer learns) | sparse (top-k attention)
   indexer_loss_weight: float = 1.0  # weight of the indexer KL loss added to the LM loss
   rope_dim: int = 64  # leading indexer dims that get (non-interleaved) RoPE
 
   def __post_init__(self):
     _check_ints("dsa", self, {"index_heads": 1, "index_head_dim": 1, "topk": 1, "block_size": 1, "key_chunk": 1,
-                              "rope_dim": 0})
+                              "query_chunk": 1, "rope_dim": 0})
     _check_choice("dsa", self, "stage", DSA_STAGES)
     weight = self.indexer_loss_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-      raise ValueError(f"attention.dsa.indexer_loss_weight={weight!r} must be a number >= 0.")
+      raise ValueError(f"attention.dsa.indexer_loss_weight={weight!r} must be a number >= 0; set it to a number >= 0 "
+                       "(0 turns the indexer loss off).")
     if self.rope_dim % 2 or self.rope_dim > self.index_head_dim:
       raise ValueError(f"attention.dsa.rope_dim={self.rope_dim} must be even and <= attention.dsa.index_head_dim="
                        f"{self.index_head_dim}; lower rope_dim.")
