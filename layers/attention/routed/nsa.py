@@ -1,0 +1,172 @@
+"""Native Sparse Attention (Yuan et al., 2025, "Native Sparse Attention: Hardware-Aligned and Natively
+Trainable Sparse Attention", arXiv 2502.11089): three attention branches summed with per-head gates.
+
+    o_t = sum_c g_t^c * Attn(q_t, K_t^c, V_t^c),  c in {cmp, slc, win},  g^c = sigmoid(gate(x_t))   (eq. 5)
+
+  cmp  compressed: attention over block summaries phi(k_{jd : jd+l}) (eq. 7; nsa_compress.py);
+  slc  selected: attention over the top-n blocks of l' tokens, ranked by the cmp branch's attention
+       probabilities mapped onto selection blocks (eqs. 8-10), one selection per KV head; the first
+       `init_blocks` and the `local_blocks` blocks ending at the query are always picked (§4.1). It runs
+       on the existing backends through routed/selection.py's traced union layout;
+  win  a sliding window of `window` keys: the `local` layout (builders.sliding_window) on the backends.
+
+K/V per branch (`attention.nsa.separate_kv`): True (the paper, "independent keys and values for three branches
+to prevent shortcut learning"): the Attention's own k, v serve the selected branch and this module projects
+x into the compressed branch's and the window branch's K/V (wk_cmp, wv_cmp, wk_win, wv_win). False (fla /
+Xunhao): all three branches read the Attention's k, v.
+
+RoPE on compressed keys: phi compresses *un-roped* keys and the summary of block j is then rotated once, at
+the position of the block's first token (j*d in a plain sequence). Rotating first and pooling after would
+average rotations of different angles, which cancels the high-frequency components of the key; a summary
+at one position keeps q . k_cmp a function of the relative distance, as RoPE intends. The separate
+compressed keys are projected un-roped; with shared K/V the roped k is rotated back by -position (exact
+inverse rotation, computed in f32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparseformer.layers import rope
+from sparseformer.layers.attention import backends, builders
+from sparseformer.layers.attention.routed import nsa_compress as nc
+from sparseformer.layers.attention.routed import selection
+from sparseformer.layers.attention.routed.config import NSA_BRANCHES as BRANCHES  # order of the gate outputs
+
+
+@functools.lru_cache(maxsize=64)
+def window_layout(seq_len: int, *, window: int, block_q: int, block_kv: int):
+  """The `local` kind's layout for the window branch: `window` keys up to and including the query."""
+  return builders.sliding_window(seq_len, block_q=block_q, left=window - 1, block_kv=block_kv)
+
+
+def _param(init, key, shape, dtype, axes):
+  return nnx.Param(init(key, shape, dtype), logical_axes=axes)
+
+
+class NSAAttention(nnx.Module):
+  """NSA's three gated branches for one layer; called by `Attention` with its (roped) q, k, v.
+
+  Owns the gate (eq. 5), the compression MLPs of keys and values (eq. 7, `compression="mlp"`) and, with
+  `separate_kv`, the compressed and window branches' K/V projections. `__call__` returns
+  (out [B, T, H, D] in q.dtype, aux f32 scalars): aux_loss 0 (NSA adds no loss), the mean of each branch's
+  gate, and selected_density, the share of the causal (query, key) pairs the selected branch attends.
+  """
+
+  def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, config, rope_theta: float,
+               init_std: float, dtype, param_dtype, rngs: nnx.Rngs, layer: int = 0):
+    del layer  # selection depends on the content only
+    self.config = config
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_theta, self.dtype = rope_theta, dtype
+    nsa = config.nsa
+    normal = nnx.initializers.normal
+    zeros = nnx.initializers.zeros_init()
+    if nsa.gate == "linear":
+      self.gate_w = _param(normal(init_std), rngs.params(), (dim, len(BRANCHES), num_heads), param_dtype,
+                           ("embed", None, "heads"))
+    else:
+      self.gate_w1 = _param(normal(init_std), rngs.params(), (dim, nsa.gate_hidden), param_dtype, ("embed", None))
+      self.gate_b1 = _param(zeros, rngs.params(), (nsa.gate_hidden,), param_dtype, (None,))
+      self.gate_w = _param(normal(nsa.gate_hidden ** -0.5), rngs.params(), (nsa.gate_hidden, len(BRANCHES), num_heads),
+                           param_dtype, (None, None, "heads"))
+    self.gate_b = _param(zeros, rngs.params(), (len(BRANCHES), num_heads), param_dtype, (None, "heads"))
+    if nsa.compression == "mlp":
+      # Fan-in scaled, so a summary starts at the scale of the keys it summarises.
+      block, width = nsa.compress_block, head_dim
+      for name in ("k", "v"):
+        setattr(self, f"cmp_{name}_pe", _param(normal(init_std), rngs.params(), (block, head_dim), param_dtype,
+                                               (None, "head_dim")))
+        setattr(self, f"cmp_{name}_w1", _param(normal((block * head_dim) ** -0.5), rngs.params(),
+                                               (block, head_dim, width), param_dtype, (None, "head_dim", None)))
+        setattr(self, f"cmp_{name}_b1", _param(zeros, rngs.params(), (width,), param_dtype, (None,)))
+        setattr(self, f"cmp_{name}_w2", _param(normal(width ** -0.5), rngs.params(), (width, head_dim),
+                                               param_dtype, (None, "head_dim")))
+        setattr(self, f"cmp_{name}_b2", _param(zeros, rngs.params(), (head_dim,), param_dtype, ("head_dim",)))
+    if nsa.separate_kv:
+      for name in ("wk_cmp", "wv_cmp", "wk_win", "wv_win"):
+        setattr(self, name, _param(normal(init_std), rngs.params(), (dim, num_kv_heads, head_dim), param_dtype,
+                                   ("embed", "kv_heads", "head_dim")))
+
+  def gates(self, x: jax.Array) -> jax.Array:
+    """Per-head branch gates f32 [B, T, 3, H] in [0, 1] from x [B, T, dim] (eq. 5; order of BRANCHES)."""
+    x = x.astype(self.dtype)
+    if self.config.nsa.gate == "mlp":
+      hidden = jnp.einsum("BTD,DF->BTF", x, self.gate_w1[...].astype(self.dtype), preferred_element_type=jnp.float32)
+      x = jax.nn.gelu(hidden + self.gate_b1[...].astype(jnp.float32)).astype(self.dtype)
+    logits = jnp.einsum("BTD,DCH->BTCH", x, self.gate_w[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    return jax.nn.sigmoid(logits + self.gate_b[...].astype(jnp.float32))
+
+  def compression_mlp(self, name: str) -> dict | None:
+    """The parameters of phi for "k" or "v" as `nsa_compress.compress` takes them (None: mean pooling)."""
+    if self.config.nsa.compression != "mlp":
+      return None
+    return {part: getattr(self, f"cmp_{name}_{part}")[...] for part in ("pe", "w1", "b1", "w2", "b2")}
+
+  def _project(self, x: jax.Array, name: str) -> jax.Array:
+    return jnp.einsum("BTD,DNH->BTNH", x, getattr(self, name)[...].astype(self.dtype))
+
+  def __call__(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+               positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, T, dim] (normed block input), q [B, T, H, D], k, v [B, T, KVH, D] roped, positions [T] or [B, T]."""
+    nsa = self.config.nsa
+    x = x.astype(self.dtype)
+    positions = jnp.asarray(positions)
+    seq_len = q.shape[1]
+    if nsa.separate_kv:
+      k_cmp, v_cmp = self._project(x, "wk_cmp"), self._project(x, "wv_cmp")
+      k_win = rope.apply_rope(self._project(x, "wk_win"), positions, theta=self.rope_theta)
+      v_win = self._project(x, "wv_win")
+    else:
+      k_cmp, v_cmp, k_win, v_win = rope.apply_rope(k, -positions, theta=self.rope_theta), v, k, v
+    outs, aux = {}, {}
+    if "compressed" in nsa.branches or "selected" in nsa.branches:
+      # phi over un-roped keys, then RoPE at each block's first position (module docstring).
+      geo = dict(block=nsa.compress_block, stride=nsa.compress_stride)
+      k_cmp = nc.compress(k_cmp, mlp=self.compression_mlp("k"), **geo)
+      v_cmp = nc.compress(v_cmp, mlp=self.compression_mlp("v"), **geo)
+      first = positions[..., :k_cmp.shape[1] * nsa.compress_stride:nsa.compress_stride]
+      k_cmp = rope.apply_rope(k_cmp, first, theta=self.rope_theta)
+      outs["compressed"], probs = nc.compressed_attention(q, k_cmp, v_cmp, **geo)
+    if "selected" in nsa.branches:
+      num_sel = nc.num_select_blocks(seq_len, nsa.select_block)
+      scores = nc.selection_scores(jax.lax.stop_gradient(probs), num_sel, compress_block=nsa.compress_block,
+                                   compress_stride=nsa.compress_stride, select_block=nsa.select_block)
+      block_index = nc.select_blocks(scores, nsa.num_selected, select_block=nsa.select_block,
+                                     init_blocks=nsa.init_blocks, local_blocks=nsa.local_blocks)
+      outs["selected"] = selection.attend_selected(q, k, v, block_index, block_q=self.config.block_size,
+                                                   block_kv=nsa.select_block, backend=self.config.backend)
+      aux["selected_density"] = selected_density(block_index, nsa.select_block)
+    if "window" in nsa.branches:
+      layout = window_layout(seq_len, window=nsa.window, block_q=self.config.block_size,
+                             block_kv=self.config.block_kv)
+      outs["window"] = backends.attend(q, k_win, v_win, layout, backend=self.config.backend)
+    gates = self.gates(x)
+    out = jnp.zeros(q.shape, jnp.float32)
+    for c, branch in enumerate(BRANCHES):
+      if branch in nsa.branches:
+        out = out + gates[:, :, c, :, None] * outs[branch].astype(jnp.float32)
+        aux[f"gate_{branch}"] = jnp.mean(gates[:, :, c])
+    aux["aux_loss"] = jnp.zeros((), jnp.float32)
+    return out.astype(q.dtype), aux
+
+
+def selected_density(block_index: jax.Array, select_block: int) -> jax.Array:
+  """Share of the causal (query, key) pairs the selected branch attends: f32 scalar.
+
+  block_index int32 [B, KVH, T, S] (-1 = empty); block b holds keys b*l' .. b*l' + l' - 1, of which query t
+  sees those <= t.
+  """
+  seq_len = block_index.shape[2]
+  t = jnp.arange(seq_len)[:, None]
+  keys = jnp.clip(t - block_index * select_block + 1, 0, select_block)
+  keys = jnp.where(block_index >= 0, keys, 0)
+  causal_pairs = seq_len * (seq_len + 1) / 2
+  return (jnp.sum(keys.astype(jnp.float32)) / (causal_pairs * block_index.shape[0] * block_index.shape[1]))
+
+
+__all__ = ["BRANCHES", "NSAAttention", "selected_density", "window_layout"]
