@@ -1,0 +1,165 @@
+"""PNG plots of a sweep report (matplotlib's Agg canvas through `Figure`: headless, no pyplot state).
+
+    <select>_vs_<field>.png     the selected metric at the chosen learning rate against each numeric grid
+                                field: one line per variant, error bars = std over seeds, one panel per
+                                value of the other grid fields
+    <select>_vs_learning_rate.png   the seed-mean against every tried learning rate (the choice circled),
+                                one panel per grid point: shows whether the chosen rate sits at an edge
+    curve_<metric>.png          learning curves (select and train/loss against step) at the chosen rate,
+                                mean over seeds with a ± std band, one panel per grid point
+
+A log x axis is used where the positive values span more than 10x.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+PANEL_SIZE = (4.6, 3.4)  # inches per panel
+TRAIN_LOSS = "train/loss"
+
+
+def _slug(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _log_x(values) -> bool:
+  values = [value for value in values if _is_number(value)]
+  return bool(values) and min(values) > 0 and max(values) / min(values) > 10
+
+
+def _panel_title(fields: list, values: tuple) -> str:
+  return ", ".join(f"{field}={value}" for field, value in zip(fields, values)) or "all runs"
+
+
+def _figure(num_panels: int):
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  columns = min(num_panels, 3)
+  rows = math.ceil(num_panels / columns)
+  figure = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.6), layout="constrained")
+  axes = figure.subplots(rows, columns, squeeze=False).ravel()
+  for extra in axes[num_panels:]:
+    extra.set_visible(False)
+  return figure, axes[:num_panels]
+
+
+def _save(figure, axes, path: str, title: str) -> None:
+  for ax in axes:
+    if ax.has_data():
+      ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+  figure.suptitle(title, fontsize="medium")
+  figure.savefig(path, dpi=90)
+
+
+def _std(values) -> float:
+  values = np.asarray([value for value in values if not math.isnan(value)], np.float64)
+  return float(values.std(ddof=1)) if values.size > 1 else math.nan
+
+
+def _panels(points: list, fields: list, panel_fields: list) -> dict:
+  """{panel key (values of panel_fields): [points]}, in plan order."""
+  panels = {}
+  for point in points:
+    key = tuple(json.dumps(point.point[field]) if isinstance(point.point[field], (list, dict)) else point.point[field]
+                for field in panel_fields)
+    panels.setdefault(key, []).append(point)
+  return panels
+
+
+def plot_against_field(report, field: str, path: str) -> None:
+  """The selection metric at the chosen learning rate against the numeric grid field `field`."""
+  select, others = report.sweep["select"], [name for name in report.point_fields if name != field]
+  panels = _panels(report.points, report.point_fields, others)
+  figure, axes = _figure(len(panels))
+  for ax, (key, points) in zip(axes, panels.items()):
+    variants = list(dict.fromkeys(point.variant for point in points))
+    for variant in variants:
+      mine = sorted((point for point in points if point.variant == variant and point.metrics[select].n),
+                    key=lambda point: point.point[field])
+      if not mine:
+        continue
+      x = [point.point[field] for point in mine]
+      ax.errorbar(x, [point.metrics[select].mean for point in mine], yerr=[point.metrics[select].std for point in mine],
+                  marker="o", capsize=3, label=variant)
+    if _log_x([point.point[field] for point in points]):
+      ax.set_xscale("log")
+    ax.set(xlabel=field, ylabel=select, title=_panel_title(others, key))
+  _save(figure, axes, path, f"{report.sweep.get('experiment', '')}: {select} {report.compare_label} vs {field}\n"
+        "at the chosen learning rate; error bars: std over seeds")
+
+
+def plot_against_learning_rate(report, path: str) -> None:
+  """The seed-mean of the selection metric at every tried learning rate, the chosen one circled."""
+  select = report.sweep["select"]
+  panels = _panels(report.points, report.point_fields, report.point_fields)
+  figure, axes = _figure(len(panels))
+  all_rates = []
+  for ax, (key, points) in zip(axes, panels.items()):
+    for point in points:
+      rates = [rate for rate in sorted(point.select_by_rate) if not math.isnan(point.choice.seed_means[rate])]
+      if not rates:
+        continue
+      all_rates += rates
+      means = [point.choice.seed_means[rate] for rate in rates]
+      line = ax.errorbar(rates, means, yerr=[_std(point.select_by_rate[rate]) for rate in rates], marker="o",
+                         capsize=3, label=point.variant)
+      chosen = point.choice.learning_rate
+      ax.plot([chosen], [point.choice.seed_means[chosen]], marker="o", markersize=13, fillstyle="none",
+              color=line.lines[0].get_color())
+    if _log_x(all_rates):
+      ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=f"{select} (mean over seeds)", title=_panel_title(report.point_fields, key))
+  _save(figure, axes, path, f"{report.sweep.get('experiment', '')}: {select} {report.compare_label} vs learning rate"
+        "\ncircled: chosen; error bars: std over seeds")
+
+
+def plot_learning_curves(report, metric: str, path: str) -> None:
+  """`metric` against step at the chosen learning rate: mean over seeds, band of ± std."""
+  panels = _panels(report.points, report.point_fields, report.point_fields)
+  figure, axes = _figure(len(panels))
+  for ax, (key, points) in zip(axes, panels.items()):
+    for point in points:
+      curves = [run.series(metric) for run in point.runs]
+      curves = [curve for curve in curves if curve[0].size]
+      if not curves:
+        continue
+      steps = curves[0][0]
+      for other_steps, _ in curves[1:]:
+        steps = np.intersect1d(steps, other_steps)  # the steps every seed logged
+      values = np.stack([curve_values[np.searchsorted(curve_steps, steps)] for curve_steps, curve_values in curves])
+      mean = values.mean(axis=0)
+      line, = ax.plot(steps, mean, label=f"{point.variant} (lr {point.choice.learning_rate:.3g}, n={len(curves)})")
+      if len(curves) > 1:
+        std = values.std(axis=0, ddof=1)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.25, color=line.get_color(), linewidth=0)
+    ax.set(xlabel="step", ylabel=metric, title=_panel_title(report.point_fields, key))
+  _save(figure, axes, path, f"{report.sweep.get('experiment', '')}: {metric} during training at the chosen learning "
+        "rate\nmean over seeds, band: ± std")
+
+
+def write_plots(report, out_dir: str) -> list[str]:
+  """Draws every plot of `report` (a report.Report) into `out_dir`; returns the file names written."""
+  os.makedirs(out_dir, exist_ok=True)
+  select, names = report.sweep["select"], []
+  if not any(point.runs for point in report.points):
+    return names
+  for field in report.point_fields:
+    values = {point.point[field] for point in report.points if point.point[field] is not None}
+    if len(values) > 1 and all(_is_number(value) for value in values):
+      names.append(f"{_slug(select)}_vs_{_slug(field)}.png")
+      plot_against_field(report, field, os.path.join(out_dir, names[-1]))
+  names.append(f"{_slug(select)}_vs_learning_rate.png")
+  plot_against_learning_rate(report, os.path.join(out_dir, names[-1]))
+  for metric in dict.fromkeys([select, TRAIN_LOSS]):
+    names.append(f"curve_{_slug(metric)}.png")
+    plot_learning_curves(report, metric, os.path.join(out_dir, names[-1]))
+  return names
