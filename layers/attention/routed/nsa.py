@@ -113,7 +113,13 @@ class NSAAttention(nnx.Module):
   def __call__(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, T, dim] (normed block input), q [B, T, H, D], k, v [B, T, KVH, D] roped, positions [T] or [B, T]."""
+    out, aux, _ = self.forward(x, q, k, v, positions)
+    return out, aux
+
+  def forward(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
+    """`__call__` plus the selection: (out, aux, block_index int32 [B, KVH, T, S] or None without "selected")."""
     nsa = self.config.nsa
+    block_index = None
     x = x.astype(self.dtype)
     positions = jnp.asarray(positions)
     seq_len = q.shape[1]
@@ -152,7 +158,7 @@ class NSAAttention(nnx.Module):
         out = out + gates[:, :, c, :, None] * outs[branch].astype(jnp.float32)
         aux[f"gate_{branch}"] = jnp.mean(gates[:, :, c])
     aux["aux_loss"] = jnp.zeros((), jnp.float32)
-    return out.astype(q.dtype), aux
+    return out.astype(q.dtype), aux, block_index
 
 
 def selected_density(block_index: jax.Array, select_block: int) -> jax.Array:
