@@ -8,7 +8,7 @@ from sparseformer.models.config import ModelConfig
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig
 
-VARIANTS = {{"a": [], "b": ["model.mlp_hidden=96"]}}
+VARIANTS = {{"a": [], "b": ["data.val_fraction=0.2"]}}  # b compiles to the same steps as a
 SWEEP = dict(variants=VARIANTS, learning_rates=[3e-3], seeds=[0, 1], select="eval/loss")
 
 
@@ -31,6 +31,7 @@ def write_study(directory, corpus: str, steps: int = 3) -> str:
 
 
 def compile_cache_env(directory) -> dict[str, str]:
-  """Environment for sweep children that shares compiled steps between runs of equal shapes (saves CPU)."""
+  """Environment for sweep children that shares compiled steps between runs of equal shapes (saves CPU);
+  pass tmp_path_factory.getbasetemp() to share them across the session's tests."""
   return {"JAX_COMPILATION_CACHE_DIR": os.path.join(str(directory), "jax_cache"),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -90,15 +90,17 @@ def run_sweep(plan: Plan, sweep_dir: str, *, address: str | None = None, cpus_pe
               log: Callable[[str], None] = print) -> dict[str, int]:
   """Runs every run of `plan` not yet done as Ray tasks; returns counts {"done", "failed", "skipped"}.
 
-  `address` None starts a local Ray cluster with `num_cpus` CPUs (default: this process's cores).
-  Ray is reached and the resources checked before anything is written to `sweep_dir`.
+  Uses the Ray session of this process if there is one; else connects to `address`, or with `address`
+  None starts a local Ray cluster with `num_cpus` CPUs (default: this process's cores), and shuts it down
+  at the end. Ray is reached and the resources checked before anything is written to `sweep_dir`.
   """
   ray = import_ray()
   if max_parallel is not None and max_parallel < 1:
     raise ValueError(f"--parallel must be at least 1, got {max_parallel}.")
-  if address:
+  connect = not ray.is_initialized()  # a caller's own Ray session (a notebook, a test) is used as it is
+  if connect and address:
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
-  else:
+  elif connect:
     ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
   try:
@@ -132,4 +134,5 @@ def run_sweep(plan: Plan, sweep_dir: str, *, address: str | None = None, cpus_pe
         log(f"[{finished}/{len(plan.runs)} finished] {run.name}: {what} on {status.get('host', '?')}")
     return counts
   finally:
-    ray.shutdown()
+    if connect:
+      ray.shutdown()
