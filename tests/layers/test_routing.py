@@ -259,3 +259,65 @@ def test_expert_load_and_balance_loss_skip_invalid_picks():
   np.testing.assert_allclose(np.asarray(routing.expert_load(expert_index, 4, jnp.zeros((3, 2), bool))), 0.0)
   probs = jnp.full((3, 4), 0.25)
   np.testing.assert_allclose(float(routing.load_balance_loss(probs, expert_index, valid=valid)), 1.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- masked_top_k
+
+
+def _np_masked_top_k(scores, k, mask, forced):
+  """Reference: forced entries (ascending), then allowed ones by decreasing score, ties to the lower index;
+  -1 padding past the allowed entries."""
+  rows = scores.reshape(-1, scores.shape[-1])
+  mask, forced = (np.broadcast_to(m, scores.shape).reshape(rows.shape) for m in (mask, forced))
+  out = np.full((len(rows), k), -1)
+  for r, (row, allowed, force) in enumerate(zip(rows, mask, forced)):
+    order = list(np.flatnonzero(force))
+    order += [j for j in np.argsort(-row, kind="stable") if allowed[j] and not force[j]]
+    out[r, :min(k, len(order))] = order[:k]
+  return out.reshape(*scores.shape[:-1], k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_masked_top_k_matches_numpy_with_mask_forced_and_padding(seed, k):
+  rng = np.random.default_rng(seed)
+  scores = rng.permutation(4 * 6 * 7).reshape(4, 6, 7).astype(np.float32)  # tie-free
+  mask = rng.random((4, 6, 7)) < 0.5
+  forced = rng.random((4, 6, 7)) < 0.15
+  got = routing.masked_top_k(jnp.asarray(scores), k, mask=jnp.asarray(mask), forced=jnp.asarray(forced))
+  want = _np_masked_top_k(scores, k, mask, forced)
+  np.testing.assert_array_equal(np.asarray(got.indices), want)
+  np.testing.assert_array_equal(np.asarray(got.valid), want >= 0)
+  np.testing.assert_array_equal(np.asarray(got.values), np.where(want >= 0, np.take_along_axis(
+      scores, np.maximum(want, 0), -1), 0))
+  picked = np.asarray(got.indices)
+  for row in picked.reshape(-1, k):  # no entry twice
+    listed = row[row >= 0]
+    assert len(set(listed)) == len(listed)
+  # Forced entries always present (when at most k of them), masked non-forced entries never.
+  for r, row in enumerate(picked.reshape(-1, k)):
+    f, m = forced.reshape(-1, 7)[r], mask.reshape(-1, 7)[r]
+    if f.sum() <= k:
+      assert set(np.flatnonzero(f)) <= set(row)
+    assert not set(row[row >= 0]) & set(np.flatnonzero(~m & ~f))
+
+
+def test_masked_top_k_ties_go_to_the_lower_index_and_more_forced_than_k_keeps_the_lowest():
+  scores = jnp.asarray([[2.0, 5.0, 5.0, 5.0, 1.0]])
+  np.testing.assert_array_equal(np.asarray(routing.masked_top_k(scores, 2).indices), [[1, 2]])
+  forced = jnp.asarray([[False, True, False, True, True]])
+  np.testing.assert_array_equal(np.asarray(routing.masked_top_k(scores, 2, forced=forced).indices), [[1, 3]])
+  # Non-finite scores of allowed entries still rank above masked ones.
+  odd = jnp.asarray([[jnp.nan, -jnp.inf, 0.0]])
+  got = routing.masked_top_k(odd, 3, mask=jnp.asarray([[True, True, False]]))
+  np.testing.assert_array_equal(np.asarray(got.indices), [[0, 1, -1]])
+
+
+def test_masked_top_k_gives_no_gradient_to_the_scores():
+  scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float32)
+  grad = jax.grad(lambda s: routing.masked_top_k(s, 2).values.sum())(scores)
+  assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad).any()
+
+
+def test_masked_top_k_rejects_a_bad_k():
+  with pytest.raises(ValueError, match="k=0"):
+    routing.masked_top_k(jnp.zeros((2, 3)), 0)
