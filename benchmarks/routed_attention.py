@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Content-routed attention layers (moba, nsa, dsa, dsa_block) end to end against dense causal attention.
+
+    python benchmarks/routed_attention.py --out /tmp/routed.json                     # T 4K, 8K, 16K
+    python benchmarks/routed_attention.py --seq-lens 4096 --kinds moba --out /tmp/r.json   # one point
+    python benchmarks/routed_attention.py --report /tmp/routed.json                  # table -> docs/benchmarks/routed_attention.md
+
+One attention layer's routed part as the model runs it (`routed.make_routed(kind)(x, q, k, v, positions)`:
+scoring, compression, top-k, traced layout build, attention, gating; DSA's indexer and its KL loss, NSA's gates
+and separate K/V projections), forward and forward+backward (gradients of q, k, v, x and the kind's own
+parameters), on the xla backend, against the strongest dense path on the same machine: the blocked causal
+attention the model uses on CPU (`dense.blocked_causal_attention`, which skips the masked half). All entries of
+one T are compiled first, then timed interleaved in alternating order after one discarded warm-up call each,
+median of --repeats (>= 3). Batch 1, H = 8 query heads, 2 KV heads (GQA groups of 4), D = 64, f32.
+
+Density is attended (query, key) pairs / T^2 counted from the kind's definition at these settings
+(`expected_pairs`; NSA sums its three branches, DSA-family kinds add no indexer cost to it); the bound is
+causal density / density, what skipping work can buy over a path that computes exactly the causal half;
+"of bound" = speedup / bound. The indexer (DSA) and compressed branch (NSA) are O(T^2 / stride) work that the
+density leaves out, so their share shows in the fraction. Peak memory is XLA's compiled buffer assignment.
+
+Kind settings (papers' values where a CPU can run them; see KIND_SETTINGS): MoBA block 512, top-3 (the paper's
+8K setting); NSA l=32, d=16, l'=64, n=16, w=512 (the paper's); DSA top-2048 with a 4-head x 32 indexer (the
+paper's 64 x 128 indexer costs more per pair than the attention at H=8, D=64), dsa_block in 64-token blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparseformer.benchmarks.attention import _Timed, machine, time_interleaved
+
+from sparseformer.layers.attention import dense
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.attention.routed import make_routed
+from sparseformer.layers.attention.routed.config import DSAConfig, MoBAConfig, NSAConfig
+
+HEADS, KV_HEADS, DIM, MODEL_DIM = 8, 2, 64, 512
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks")
+KIND_SETTINGS = {
+    "moba": dict(moba=MoBAConfig(block_size=512, topk=3)),
+    "nsa": dict(nsa=NSAConfig()),
+    "dsa": dict(dsa=DSAConfig(index_heads=4, index_head_dim=32, rope_dim=16, topk=2048)),
+    "dsa_block": dict(dsa=DSAConfig(index_heads=4, index_head_dim=32, rope_dim=16, topk=2048, block_size=64)),
+}
+
+
+def sparse_config(kind: str) -> SparseAttentionConfig:
+  return SparseAttentionConfig(backend="xla", block_size=64, **KIND_SETTINGS[kind])
+
+
+def expected_pairs(kind: str, seq: int) -> float:
+  """Attended (query, key) pairs of `kind` at KIND_SETTINGS for T = seq, from the kinds' definitions."""
+  t = np.arange(seq)
+  if kind == "moba":
+    cfg = KIND_SETTINGS["moba"]["moba"]
+    own = t // cfg.block_size
+    keys = t - own * cfg.block_size + 1 + np.minimum(cfg.topk - 1, own) * cfg.block_size
+  elif kind == "nsa":
+    cfg = KIND_SETTINGS["nsa"]["nsa"]
+    compressed = np.maximum(0, (t - cfg.compress_block) // cfg.compress_stride + 1)
+    visible_blocks = t // cfg.select_block + 1
+    selected = np.minimum(t + 1, np.minimum(cfg.num_selected, visible_blocks) * cfg.select_block)
+    keys = compressed + selected + np.minimum(cfg.window, t + 1)
+  elif kind in ("dsa", "dsa_block"):
+    keys = np.minimum(KIND_SETTINGS[kind]["dsa"].topk, t + 1)
+  else:
+    raise ValueError(f"unknown kind {kind!r}")
+  return float(keys.sum())
+
+
+def _routed_functions(kind: str, seq: int):
+  """(fwd, fwd+bwd) of the routed module over (params, x, q, k, v, cotangent)."""
+  module = make_routed(kind, dim=MODEL_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
+                       config=sparse_config(kind), rope_theta=10_000.0, init_std=0.02, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  positions = jnp.arange(seq, dtype=jnp.int32)
+
+  def apply(params, x, q, k, v):
+    out, aux = nnx.merge(graphdef, params, rest, copy=True)(x, q, k, v, positions)
+    return out, aux.get("aux_loss", jnp.zeros((), jnp.float32))
+
+  def forward(params, x, q, k, v, ct):
+    return apply(params, x, q, k, v)[0]
+
+  def forward_backward(params, x, q, k, v, ct):
+    def loss(params, x, q, k, v):
+      out, aux_loss = apply(params, x, q, k, v)
+      return jnp.sum(out * ct) + aux_loss
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(params, x, q, k, v)
+
+  return params, forward, forward_backward
+
+
+def _dense_functions():
+  def forward(params, x, q, k, v, ct):
+    return dense.blocked_causal_attention(q, k, v)
+
+  def forward_backward(params, x, q, k, v, ct):
+    return jax.grad(lambda q, k, v: jnp.sum(dense.blocked_causal_attention(q, k, v) * ct), argnums=(0, 1, 2))(q, k, v)
+
+  return {}, forward, forward_backward
+
+
+def run(seq_lens, kinds, *, repeats: int, log=print) -> list[dict]:
+  rows = []
+  for seq in seq_lens:
+    keys = jax.random.split(jax.random.key(seq), 5)
+    x = jax.random.normal(keys[0], (1, seq, MODEL_DIM), jnp.float32)
+    q, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys[1:3])
+    k, v = (jax.random.normal(key, (1, seq, KV_HEADS, DIM), jnp.float32) for key in keys[3:5])
+    entries = []
+    for kind in ("dense",) + tuple(kinds):
+      params, forward, forward_backward = _dense_functions() if kind == "dense" else _routed_functions(kind, seq)
+      for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        entry = _Timed((kind, mode), fn, (params, x, q, k, v, ct))
+        log(f"T={seq:6d} {kind:10s} {mode:8s} compiled in {entry.compile_seconds:5.1f} s, "
+            f"peak {(entry.peak_bytes or 0) / 2**20:9.1f} MB")
+        entries.append(entry)
+    time_interleaved(entries, repeats)
+    causal_density = (seq + 1) / (2 * seq)
+    medians = {entry.name: statistics.median(entry.times) for entry in entries}
+    for entry in entries:
+      kind, mode = entry.name
+      density = causal_density if kind == "dense" else expected_pairs(kind, seq) / seq**2
+      speedup = medians[("dense", mode)] / medians[entry.name]
+      bound = causal_density / density
+      rows.append(dict(kind=kind, seq=seq, mode=mode, seconds=medians[entry.name], runs=len(entry.times),
+                       density=density, bound=bound, speedup=speedup, of_bound=speedup / bound,
+                       peak_mb=None if entry.peak_bytes is None else entry.peak_bytes / 2**20,
+                       compile_seconds=entry.compile_seconds))
+      log(f"T={seq:6d} {kind:10s} {mode:8s} {rows[-1]['seconds'] * 1e3:10.1f} ms  density {density:.3f}  "
+          f"speedup {speedup:5.2f}x of bound {bound:5.2f}x = {rows[-1]['of_bound']:4.0%}  "
+          f"peak {rows[-1]['peak_mb'] or 0:9.1f} MB")
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| T | kind | mode | ms | density | speedup vs dense | bound | of bound | peak MB |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+  for row in rows:
+    lines.append(f"| {row['seq']} | {row['kind']} | {row['mode']} | {row['seconds'] * 1e3:.0f} | {row['density']:.3f} "
+                 f"| {row['speedup']:.2f}x | {row['bound']:.2f}x | {row['of_bound']:.0%} | {row['peak_mb'] or 0:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+  parser.add_argument("--kinds", nargs="+", default=list(KIND_SETTINGS), choices=list(KIND_SETTINGS))
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", help="write the rows and the machine as JSON here")
+  parser.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown table of earlier --out files")
+  args = parser.parse_args(argv)
+  if args.report:
+    for path in args.report:
+      with open(path, encoding="utf-8") as file:
+        run_record = json.load(file)
+      print(f"machine: {run_record['machine']}\n\n{table(run_record['rows'])}\n")
+    return
+  rows = run(args.seq_lens, args.kinds, repeats=args.repeats)
+  record = {"machine": machine(), "rows": rows, "settings": {k: repr(v) for k, v in KIND_SETTINGS.items()}}
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as file:
+      json.dump(record, file, indent=2)
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
