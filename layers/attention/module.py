@@ -41,11 +41,9 @@ class Attention(nnx.Module):
                         logical_axes=("embed", "kv_heads", "head_dim"))
     self.wo = nnx.Param(normal(out_init_std)(rngs.params(), (num_heads, head_dim, dim), param_dtype),
                         logical_axes=("heads", "head_dim", "embed"))
-    self.routed = None
-    if kind in ROUTED_KINDS:
-      self.routed = make_routed(kind, dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                config=sparse_config, rope_theta=rope_theta, init_std=init_std, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs, layer=layer)
+    self.routed = make_routed(kind, dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              config=sparse_config, rope_theta=rope_theta, init_std=init_std, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs, layer=layer) if kind in ROUTED_KINDS else None
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x: [B, T, D], positions: [B, T] or [T] -> (out [B, T, D] in the compute dtype, aux).
