@@ -44,7 +44,8 @@ def _figure(num_panels: int):
 
   columns = min(num_panels, 3)
   rows = math.ceil(num_panels / columns)
-  figure = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.6), layout="constrained")
+  width = max(PANEL_SIZE[0] * columns, 7.0)  # room for the two-line title above a single panel
+  figure = Figure(figsize=(width, PANEL_SIZE[1] * rows + 0.6), layout="constrained")
   axes = figure.subplots(rows, columns, squeeze=False).ravel()
   for extra in axes[num_panels:]:
     extra.set_visible(False)
@@ -137,7 +138,7 @@ def plot_learning_curves(report, metric: str, path: str) -> None:
         steps = np.intersect1d(steps, other_steps)  # the steps every seed logged
       values = np.stack([curve_values[np.searchsorted(curve_steps, steps)] for curve_steps, curve_values in curves])
       mean = values.mean(axis=0)
-      line, = ax.plot(steps, mean, label=f"{point.variant} (lr {point.choice.learning_rate:.3g}, n={len(curves)})")
+      line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{point.variant} (lr {point.choice.learning_rate:.3g}, n={len(curves)})")
       if len(curves) > 1:
         std = values.std(axis=0, ddof=1)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25, color=line.get_color(), linewidth=0)

@@ -377,6 +377,11 @@ def summary_markdown(report: Report) -> str:
            f"finished runs at that rate: mean ± sample std (ddof = 1), n, and the 95 % Student-t interval of the "
            f"mean. {EDGE_FLAG}: the chosen rate is the smallest or largest tried, so the best one may lie outside "
            "the grid."]
+  unreached = sum(point.choice.learning_rate is None and any(values for values in point.select_by_rate.values())
+                  for point in report.points)
+  if unreached:
+    lines += ["", f"{EDGE_FLAG[0]} {unreached} point(s) logged no `{sweep['select']}` {label} in any finished run: "
+              "evaluate more often (train.eval_every) or compare at another budget (compare_at)."]
   if sweep.get("overrides"):
     lines += ["", "Base overrides: " + " ".join(f"`{item}`" for item in sweep["overrides"])]
   keys = lambda point: [_text(point.variant)] + [_text(value) for value in point.point.values()]

@@ -30,7 +30,9 @@ RATES = [1e-3, 3e-3, 1e-2]
 SEEDS = [0, 1, 2]
 SEQ_LEN, STEPS = 16, 20
 SELECT = "eval/example_accuracy"
-FAILED, RUNNING, NOT_RUN = "dense-d64-lr0.01-s1", "local-d32-lr0.001-s0", "local-d64-lr0.01-s2"
+# The failed run's tempting 0.99 would move dense d=32's choice; the running and never-started runs sit at
+# the chosen rates of the d=64 points (leaving n = 2 there).
+FAILED, RUNNING, NOT_RUN = "dense-d32-lr0.01-s1", "dense-d64-lr0.01-s0", "local-d64-lr0.01-s2"
 T975 = {1: 12.706204736174707, 2: 4.302652729749464}  # published t_{0.975, df}
 
 
@@ -67,7 +69,7 @@ def _write_sweep(root, truth, compare_at="steps"):
       for rate in RATES:
         for seed in SEEDS:
           name = _name(variant, width, rate, seed)
-          sets = [f"model.attention_pattern={VARIANTS[variant]}", f"model.d_model={width}",
+          sets = [f"model.attention_pattern={VARIANTS[variant][0]}", f"model.d_model={width}",  # a bare word
                   f"train.learning_rate={rate}", f"train.seed={seed}"]
           runs.append({"name": name, "variant": variant, "grid": {"model.d_model": width}, "learning_rate": rate,
                        "seed": seed, "overrides": sets})
@@ -146,8 +148,7 @@ def test_summary_csv_learning_rate_and_statistics(sweep):
                                rtol=1e-9)
     assert row["compare_at"] == "steps" and float(row["compare_value"]) == STEPS
   assert edges == {True, False}  # the table has both kinds of point
-  # The failed run sits at dense d=64's chosen rate: only two seeds there.
-  assert expected["dense", 64][2].size == 2
+  assert expected["dense", 64][2].size == expected["local", 64][2].size == 2
   loss_rows = [row for row in _read_csv(os.path.join(root, "summary.csv")) if row["metric"] == "eval/loss"]
   for row in loss_rows:
     values = 2.0 - expected[row["variant"], int(row["model.d_model"])][2]
@@ -172,9 +173,16 @@ def test_summary_markdown(sweep):
     text = file.read()
   assert "Report covers 33 of 36 runs: 1 failed, 1 running, 1 not run." in text
   assert result["coverage"] == "report covers 33 of 36 runs: 1 failed, 1 running, 1 not run"
+  expected = _expected_points(truth)
+  _, rows = _markdown_rows(text, "Learning rate: mean of")
+  for variant, width, *cells in rows:
+    for rate, cell in zip(RATES, cells):
+      values = [truth[_name(variant, int(width), rate, seed)][0] for seed in SEEDS
+                if _name(variant, int(width), rate, seed) not in (FAILED, RUNNING, NOT_RUN)]
+      shown = f"{np.mean(values):.4g} ({len(values)})"
+      assert cell == (f"**{shown}**" if rate == expected[variant, int(width)][0] else shown)
   heading, rows = _markdown_rows(text, f"`{SELECT}` at equal steps")
   assert heading == f"## `{SELECT}` at equal steps (20) (selection metric)"
-  expected = _expected_points(truth)
   assert len(rows) == 4
   for variant, width, rate, n, mean_std, interval in rows:
     chosen, at_edge, values = expected[variant, int(width)]
@@ -197,11 +205,12 @@ def test_results_csv(sweep):
   flops_per_token = {}
   for name, row in by_name.items():
     variant, width = row["variant"], int(row["model.d_model"])
-    assert row["model.attention_pattern"] == json.dumps(list(VARIANTS[variant]))  # from config.json
     assert float(row["learning_rate"]) in RATES and int(row["seed"]) in SEEDS
-    if name == NOT_RUN:
+    if name == NOT_RUN:  # no config.json yet: the value its --set gives
       assert row["status"] == "not run" and row["steps"] == "" and row[f"final/{SELECT}"] == ""
+      assert row["model.attention_pattern"] == "local"
       continue
+    assert row["model.attention_pattern"] == json.dumps(list(VARIANTS[variant]))  # from config.json
     final, middle = truth[name]
     if name in (FAILED, RUNNING):
       assert row["status"] == ("failed" if name == FAILED else "running") and row["steps"] == "10"
@@ -257,22 +266,32 @@ def test_hparams_read_back(sweep):
   assert sessions[FAILED]["status"] == "STATUS_FAILURE" and sessions[RUNNING]["status"] == "STATUS_RUNNING"
 
 
-def test_compare_at_tokens_cuts_at_the_smallest_budget(sweep, tmp_path):
+@pytest.mark.parametrize("unit", ["tokens", "flops"])
+def test_compare_at_tokens_or_flops_cuts_at_the_smallest_budget(sweep, tmp_path, unit):
   root, truth, _ = sweep
-  copy = str(tmp_path / "tokens")
+  copy = str(tmp_path / unit)
   shutil.copytree(os.path.join(root, "runs"), os.path.join(copy, "runs"))
   with open(os.path.join(root, "sweep.json")) as file:
     plan = json.load(file)
-  plan["compare_at"] = "tokens"
+  plan["compare_at"] = unit
   with open(os.path.join(copy, "sweep.json"), "w") as file:
     json.dump(plan, file)
   analysis = report.analyze(copy)
-  assert analysis.budget == STEPS * BATCH["dense"] * SEQ_LEN  # dense's 20 steps = local's 10
-  assert analysis.compare_label == "at equal tokens (1,280)"
+  per_step = {(variant, width): BATCH[variant] * SEQ_LEN * (1.0 if unit == "tokens" else flops.train_flops_per_token(
+      _config(variant, width, 1e-3, 0).model, SEQ_LEN)) for variant in VARIANTS for width in WIDTHS}
+  budget = STEPS * min(per_step.values())
+  np.testing.assert_allclose(analysis.budget, budget, rtol=1e-12)
+  if unit == "tokens":
+    assert analysis.compare_label == "at equal tokens (1,280)"  # dense's 20 steps = local's 10
   for point in analysis.points:
-    column = 0 if point.variant == "dense" else 1  # local runs are taken at step 10
-    values = [truth[run.name][column] for run in point.runs]
-    np.testing.assert_allclose(point.metrics[SELECT].mean, np.mean(values), rtol=1e-12)
+    key = (point.variant, point.point["model.d_model"])
+    values = [truth[run.name][0] if STEPS * per_step[key] <= budget * (1 + 1e-9) else
+              truth[run.name][1] if 10 * per_step[key] <= budget * (1 + 1e-9) else math.nan for run in point.runs]
+    if np.isnan(values).all():  # equal FLOPs: the wide local runs logged no evaluation that early
+      assert point.metrics[SELECT].n == 0 and point.choice.learning_rate is None
+      assert f"1 point(s) logged no `{SELECT}` at equal flops" in report.summary_markdown(analysis)
+    else:
+      np.testing.assert_allclose(point.metrics[SELECT].mean, np.nanmean(values), rtol=1e-12)
 
 
 def test_failed_report_keeps_the_previous_one(sweep, tmp_path):

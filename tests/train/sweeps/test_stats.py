@@ -36,6 +36,8 @@ def test_t_cdf_matches_closed_forms_and_incomplete_beta():
   for x in (0.1, 0.5, 0.93):
     assert abs(stats.regularized_incomplete_beta(x, 2.5, 1.0) - x**2.5) < 1e-12
     assert abs(stats.regularized_incomplete_beta(x, 1.0, 3.5) - (1 - (1 - x) ** 3.5)) < 1e-12
+  # Far above the mean, where only the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) converges.
+  assert abs(stats.regularized_incomplete_beta(0.995, 1.0, 30.0) - (1 - 0.005**30)) < 1e-12
 
 
 def test_summarize_matches_numpy(seed):
