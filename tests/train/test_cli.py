@@ -5,12 +5,19 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import types
 
 import pytest
+from sweep_helpers import write_study
 
 from sparseformer import experiments
 from sparseformer.train import cli, overrides
+from sparseformer.train import sweeps as sweeps_package
 from sparseformer.train.config import RunConfig
+from sparseformer.train.sweeps import commands as sweep_commands
+from sparseformer.train.sweeps import local, spec, store
 
 # Shrinks the quickstart experiment to a run of a few seconds.
 TINY_SETTINGS = ["data.seq_len=32", "data.batch_size=4", "data.num_val_batches=1", "data.val_fraction=0.1",
@@ -46,6 +53,8 @@ def test_experiments_lists_every_experiment_with_its_command(capsys):
     grid = experiments.variants(name)
     if grid:
       assert f"variants: {', '.join(grid)}" in out
+    if experiments.sweep(name) is not None:
+      assert f"sweep: {len(spec.plan(name).runs)} runs (sparseformer sweep plan --experiment {name})" in out
 
 
 def test_show_config_prints_json_with_the_override(capsys):
@@ -144,3 +153,93 @@ def test_train_refuses_a_workdir_holding_another_run(trained, capsys):
   err = capsys.readouterr().err
   assert "holds a run with a different config (model.d_model)" in err
   assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
+
+
+def test_sweep_help_and_parsing_load_no_jax():
+  code = ("import sys; from sparseformer.train import cli; "
+          "cli._parser().parse_args(['sweep', 'run', '--experiment', 'x', '--out', 'y', '--parallel', '2']); "
+          "print('jax' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+  assert result.stdout.strip() == "False"
+
+
+def test_sweep_size_of_an_experiment_with_a_sweep(tmp_path):
+  study = write_study(tmp_path, str(tmp_path))
+  assert sweep_commands.sweep_size(study) == f"4 runs (sparseformer sweep plan --experiment {study})"
+  assert sweep_commands.sweep_size("quickstart") is None
+
+
+def test_sweep_plan_prints_each_run_with_its_overrides_and_the_count(tmp_path, capsys):
+  study = write_study(tmp_path, str(tmp_path))
+  assert cli.main(["sweep", "plan", "--experiment", study, "--seeds", "1", "--set", "train.steps=2"]) == 0
+  out = capsys.readouterr().out
+  assert out.splitlines()[:2] == [
+      "a__lr=3e-3__seed=1",
+      "    --set train.learning_rate=0.003 --set train.seed=1 --set data.seed=1 --set train.steps=2"]
+  assert "    --set data.val_fraction=0.2 --set train.learning_rate=0.003" in out
+  assert out.splitlines()[-1].startswith(f"2 runs of {study}; select eval/loss (min), compared at equal steps")
+  assert cli.main(["sweep", "plan", "--experiment", study, "--set", "model.dmodel=3"]) == 2
+  assert "Did you mean: model.d_model" in capsys.readouterr().err
+
+
+def test_sweep_status_counts_and_lists_each_run(tmp_path, capsys):
+  study, out = write_study(tmp_path, str(tmp_path)), str(tmp_path / "sweep")
+  plan = spec.plan(study)
+  store.write_sweep(out, plan.to_json())
+  names = [run.name for run in plan.runs]
+  done, stale, failed = (store.run_dir(out, name) for name in names[:3])
+  for path, state in ((done, "done"), (stale, "running"), (failed, "failed")):
+    os.makedirs(path)
+    store.write_status(path, {**store.start_status(path), "status": state, "wall_time_s": 12.5})
+  with open(os.path.join(done, "metrics.jsonl"), "w", encoding="utf-8") as file:
+    file.write('{"step": 2}\n{"step": 3}\n')
+  assert cli.main(["sweep", "status", out]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == f"{out}: 4 runs of {study}: 1 done, 1 interrupted, 1 failed, 1 pending"
+  assert lines[1].split() == ["done", "step", "3", "12.5", "s", names[0]]
+  assert lines[2].split()[0] == "interrupted"  # "running" but nobody holds its lock: its sweep died
+  assert lines[4].split() == ["pending", "step", "-", "-", names[3]]
+  lock = store.RunLock(stale)
+  assert lock.acquire()
+  try:
+    assert cli.main(["sweep", "status", out]) == 0
+    assert "1 running" in capsys.readouterr().out
+  finally:
+    lock.release()
+  assert cli.main(["sweep", "status", str(tmp_path / "nowhere")]) == 2
+  assert "sweep.json not found" in capsys.readouterr().err
+
+
+def _fake_report(monkeypatch, write_report):
+  module = types.ModuleType("sparseformer.train.sweeps.report")
+  module.write_report = write_report
+  monkeypatch.setitem(sys.modules, module.__name__, module)
+  monkeypatch.setattr(sweeps_package, "report", module, raising=False)
+
+
+def test_sweep_report_calls_write_report_with_the_directory(tmp_path, monkeypatch, capsys):
+  calls = []
+  _fake_report(monkeypatch, lambda directory: calls.append(directory) or {"summary_md": "S.md", "runs": 4})
+  assert cli.main(["sweep", "report", str(tmp_path)]) == 0
+  assert calls == [str(tmp_path)]
+  assert capsys.readouterr().out == "summary_md: S.md\nruns: 4\n"
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+def test_sweep_run_writes_the_report_and_a_report_error_does_not_fail_it(tmp_path, monkeypatch, capsys, failed):
+  study, out = write_study(tmp_path, str(tmp_path)), str(tmp_path / "sweep")
+  engine_calls, report_calls = [], []
+  def fake_run_sweep(plan, directory, parallel):
+    engine_calls.append((len(plan.runs), directory, parallel))
+    return {"done": 3 - failed, "failed": failed, "skipped": 1}
+  def broken_report(directory):
+    report_calls.append(directory)
+    raise KeyError("eval/loss")
+  monkeypatch.setattr(local, "run_sweep", fake_run_sweep)
+  _fake_report(monkeypatch, broken_report)
+  assert cli.main(["sweep", "run", "--experiment", study, "--out", out, "--parallel", "2"]) == failed
+  captured = capsys.readouterr()
+  assert engine_calls == [(4, out, 2)] and report_calls == [out]
+  assert f"Sweep {out}: {4 - failed} of 4 runs done (1 finished earlier), {failed} failed." in captured.out
+  assert f"sweep report failed (KeyError: 'eval/loss'); rerun `sparseformer sweep report {out}`." in captured.out
+  assert ("1 of 4 runs failed" in captured.err) == bool(failed)
