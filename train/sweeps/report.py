@@ -405,8 +405,8 @@ def summary_markdown(report: Report) -> str:
       summary, rate = point.metrics[metric], point.choice.learning_rate
       shown_rate = "–" if rate is None else f"{rate:.3g}" + (f" {EDGE_FLAG}" if point.choice.at_edge else "")
       interval = "–" if math.isnan(summary.ci_low) else f"[{_number(summary.ci_low)}, {_number(summary.ci_high)}]"
-      rows.append(keys(point) + [shown_rate, str(summary.n), f"{_number(summary.mean)} ± {_number(summary.std)}",
-                                 interval])
+      mean_std = "–" if not summary.n else f"{_number(summary.mean)} ± {_number(summary.std)}"
+      rows.append(keys(point) + [shown_rate, str(summary.n), mean_std, interval])
     selected = " (selection metric)" if metric == sweep["select"] else ""
     lines += ["", f"## `{metric}` {label}{selected}", ""]
     lines += _table(["variant", *report.point_fields, "learning rate", "n", "mean ± std", "95 % interval"], rows)
