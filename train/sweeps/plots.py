@@ -2,7 +2,7 @@
 
     <select>_vs_<field>.png     the selected metric at the chosen learning rate against each numeric grid
                                 field: one line per variant, error bars = std over seeds, one panel per
-                                value of the other grid fields
+                                value of the other grid fields (zipped fields get one plot together)
     <select>_vs_learning_rate.png   the seed-mean against every tried learning rate (the choice circled),
                                 one panel per grid point: shows whether the chosen rate sits at an edge
     curve_<metric>.png          learning curves (select and train/loss against step) at the chosen rate,
@@ -66,7 +66,7 @@ def _std(values) -> float:
   return float(values.std(ddof=1)) if values.size > 1 else math.nan
 
 
-def _panels(points: list, fields: list, panel_fields: list) -> dict:
+def _panels(points: list, panel_fields: list) -> dict:
   """{panel key (values of panel_fields): [points]}, in plan order."""
   panels = {}
   for point in points:
@@ -76,10 +76,27 @@ def _panels(points: list, fields: list, panel_fields: list) -> dict:
   return panels
 
 
+def _determines(points: list, field: str, other: str) -> bool:
+  """Whether `field`'s value fixes `other`'s at every point (zipped grid keys such as seq_len / max_seq_len)."""
+  seen = {}
+  for point in points:
+    key = json.dumps(point.point[field])
+    if seen.setdefault(key, json.dumps(point.point[other])) != json.dumps(point.point[other]):
+      return False
+  return True
+
+
+def field_panels(report, field: str) -> tuple[list, dict]:
+  """(panel fields, {panel key: [points]}) of the plot against `field`: one panel per value of the other
+  grid fields, leaving out those that `field` determines (they would leave one x value per panel)."""
+  others = [name for name in report.point_fields if name != field and not _determines(report.points, field, name)]
+  return others, _panels(report.points, others)
+
+
 def plot_against_field(report, field: str, path: str) -> None:
   """The selection metric at the chosen learning rate against the numeric grid field `field`."""
-  select, others = report.sweep["select"], [name for name in report.point_fields if name != field]
-  panels = _panels(report.points, report.point_fields, others)
+  select = report.sweep["select"]
+  others, panels = field_panels(report, field)
   figure, axes = _figure(len(panels))
   for ax, (key, points) in zip(axes, panels.items()):
     variants = list(dict.fromkeys(point.variant for point in points))
@@ -101,7 +118,7 @@ def plot_against_field(report, field: str, path: str) -> None:
 def plot_against_learning_rate(report, path: str) -> None:
   """The seed-mean of the selection metric at every tried learning rate, the chosen one circled."""
   select = report.sweep["select"]
-  panels = _panels(report.points, report.point_fields, report.point_fields)
+  panels = _panels(report.points, report.point_fields)
   figure, axes = _figure(len(panels))
   all_rates = []
   for ax, (key, points) in zip(axes, panels.items()):
@@ -125,7 +142,7 @@ def plot_against_learning_rate(report, path: str) -> None:
 
 def plot_learning_curves(report, metric: str, path: str) -> None:
   """`metric` against step at the chosen learning rate: mean over seeds, band of ± std."""
-  panels = _panels(report.points, report.point_fields, report.point_fields)
+  panels = _panels(report.points, report.point_fields)
   figure, axes = _figure(len(panels))
   for ax, (key, points) in zip(axes, panels.items()):
     for point in points:
@@ -153,9 +170,12 @@ def write_plots(report, out_dir: str) -> list[str]:
   select, names = report.sweep["select"], []
   if not any(point.runs for point in report.points):
     return names
+  plotted = []
   for field in report.point_fields:
     values = {point.point[field] for point in report.points if point.point[field] is not None}
-    if len(values) > 1 and all(_is_number(value) for value in values):
+    tied = any(_determines(report.points, field, done) and _determines(report.points, done, field) for done in plotted)
+    if len(values) > 1 and all(_is_number(value) for value in values) and not tied:  # one plot per zipped group
+      plotted.append(field)
       names.append(f"{_slug(select)}_vs_{_slug(field)}.png")
       plot_against_field(report, field, os.path.join(out_dir, names[-1]))
   names.append(f"{_slug(select)}_vs_learning_rate.png")

@@ -21,11 +21,12 @@ from sparseformer.models.config import ModelConfig
 from sparseformer.train import overrides
 from sparseformer.train.config import RunConfig, TrainConfig
 from sparseformer.train.data_config import DataConfig
-from sparseformer.train.sweeps import hparams, report
+from sparseformer.train.sweeps import hparams, plots, report
 
 VARIANTS = {"dense": ("global",), "local": ("local",)}
 BATCH = {"dense": 4, "local": 8}  # different tokens per step: compare_at="tokens" then cuts the local runs
 WIDTHS = [32, 64]
+WARMUP = {32: 2, 64: 4}  # zipped with the width in the grid: one plot for both, no panel per warmup
 RATES = [1e-3, 3e-3, 1e-2]
 SEEDS = [0, 1, 2]
 SEQ_LEN, STEPS = 16, 20
@@ -59,7 +60,8 @@ def _config(variant, width, rate, seed) -> RunConfig:
   model = ModelConfig(num_layers=1, d_model=width, num_heads=2, num_kv_heads=2, max_seq_len=SEQ_LEN,
                       attention_pattern=VARIANTS[variant])
   data = DataConfig(seq_len=SEQ_LEN, batch_size=BATCH[variant])
-  return RunConfig(model=model, data=data, train=TrainConfig(steps=STEPS, learning_rate=rate, seed=seed))
+  train = TrainConfig(steps=STEPS, learning_rate=rate, seed=seed, warmup_steps=WARMUP[width])
+  return RunConfig(model=model, data=data, train=train)
 
 
 def _write_sweep(root, truth, compare_at="steps"):
@@ -70,9 +72,10 @@ def _write_sweep(root, truth, compare_at="steps"):
         for seed in SEEDS:
           name = _name(variant, width, rate, seed)
           sets = [f"model.attention_pattern={VARIANTS[variant][0]}", f"model.d_model={width}",  # a bare word
-                  f"train.learning_rate={rate}", f"train.seed={seed}"]
-          runs.append({"name": name, "variant": variant, "grid": {"model.d_model": width}, "learning_rate": rate,
-                       "seed": seed, "overrides": sets})
+                  f"train.warmup_steps={WARMUP[width]}", f"train.learning_rate={rate}", f"train.seed={seed}"]
+          grid = {"model.d_model": width, "train.warmup_steps": WARMUP[width]}
+          runs.append({"name": name, "variant": variant, "grid": grid, "learning_rate": rate, "seed": seed,
+                       "overrides": sets})
           if name == NOT_RUN:
             continue
           run_dir = os.path.join(root, "runs", name)
@@ -97,7 +100,8 @@ def _write_sweep(root, truth, compare_at="steps"):
             json.dump(status, file)
   sweep = {"format": "sparseformer.sweep/1", "experiment": "synthetic", "overrides": ["train.steps=20"],
            "select": SELECT, "select_mode": "max", "compare_at": compare_at,
-           "swept_fields": ["model.attention_pattern", "model.d_model", "train.learning_rate", "train.seed"],
+           "swept_fields": ["model.attention_pattern", "model.d_model", "train.warmup_steps", "train.learning_rate",
+                            "train.seed"],
            "runs": runs}
   with open(os.path.join(root, "sweep.json"), "w") as file:
     json.dump(sweep, file)
@@ -175,7 +179,8 @@ def test_summary_markdown(sweep):
   assert result["coverage"] == "report covers 33 of 36 runs: 1 failed, 1 running, 1 not run"
   expected = _expected_points(truth)
   _, rows = _markdown_rows(text, "Learning rate: mean of")
-  for variant, width, *cells in rows:
+  for variant, width, warmup, *cells in rows:
+    assert int(warmup) == WARMUP[int(width)]
     for rate, cell in zip(RATES, cells):
       values = [truth[_name(variant, int(width), rate, seed)][0] for seed in SEEDS
                 if _name(variant, int(width), rate, seed) not in (FAILED, RUNNING, NOT_RUN)]
@@ -184,7 +189,7 @@ def test_summary_markdown(sweep):
   heading, rows = _markdown_rows(text, f"`{SELECT}` at equal steps")
   assert heading == f"## `{SELECT}` at equal steps (20) (selection metric)"
   assert len(rows) == 4
-  for variant, width, rate, n, mean_std, interval in rows:
+  for variant, width, _, rate, n, mean_std, interval in rows:
     chosen, at_edge, values = expected[variant, int(width)]
     assert rate == f"{chosen:.3g}" + (" ⚠ edge" if at_edge else "")
     assert int(n) == len(values)
@@ -243,6 +248,10 @@ def test_plots_are_valid_pngs(sweep):
   assert names == sorted(["eval_example_accuracy_vs_model_d_model.png", "eval_example_accuracy_vs_learning_rate.png",
                           "curve_eval_example_accuracy.png", "curve_train_loss.png"])
   assert sorted(os.path.basename(path) for path in result["plots"]) == names
+  analysis = report.analyze(root)
+  panel_fields, panels = plots.field_panels(analysis, "model.d_model")  # warmup follows the width
+  assert panel_fields == [] and len(panels) == 1
+  assert sorted(point.point["model.d_model"] for point in panels[()]) == [32, 32, 64, 64]
   for name in names:
     width, height = _png_size(os.path.join(root, "plots", name))
     assert width > 200 and height > 200 and os.path.getsize(os.path.join(root, "plots", name)) > 5000
@@ -260,7 +269,8 @@ def test_hparams_read_back(sweep):
   assert len(sessions) == 35 and NOT_RUN not in sessions  # every run that logged something
   name = _name("local", 64, 3e-3, 1)
   assert sessions[name]["hparams"] == {"variant": "local", "learning_rate": 3e-3, "seed": 1.0, "status": "done",
-                                       "model.d_model": 64.0, "model.attention_pattern": '["local"]'}
+                                       "model.d_model": 64.0, "train.warmup_steps": 4.0,
+                                       "model.attention_pattern": '["local"]'}
   np.testing.assert_allclose(sessions[name]["metrics"][SELECT], truth[name][0], rtol=1e-6)  # float32 scalar
   assert sessions[name]["status"] == "STATUS_SUCCESS"
   assert sessions[FAILED]["status"] == "STATUS_FAILURE" and sessions[RUNNING]["status"] == "STATUS_RUNNING"
