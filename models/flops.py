@@ -3,6 +3,7 @@
 import numpy as np
 
 from sparseformer.layers.attention import kinds
+from sparseformer.layers.attention.routed import ROUTED_KINDS
 from sparseformer.models.config import ModelConfig
 
 
@@ -11,10 +12,57 @@ def attention_density(config: ModelConfig, layer: int, seq_len: int) -> float:
   kind = config.attention_kind(layer)
   if kind == "global":
     return (seq_len + 1) / (2 * seq_len)
+  if kind in ROUTED_KINDS:
+    return routed_density(config, kind, seq_len)
   # The layer's own layout, as the decoder builds it (bigbird draws its random blocks per layer).
   layout = kinds.build_layout(kind, config.attention, seq_len=seq_len, num_heads=config.num_heads,
                               layer=layer if config.bigbird_seed_per_layer else 0)
   return allowed_pair_fraction(layout)
+
+
+def routed_density(config: ModelConfig, kind: str, seq_len: int) -> float:
+  """Expected fraction of the T x T scores a content-routed layer computes, from its fields (selections are
+  data-dependent, their sizes are not): the keys each query t attends, summed over t, over T^2.
+
+  moba       own block up to t + min(topk - 1, past blocks) whole blocks (exact: every slot is filled).
+  nsa        its branches (nsa.branches) add: visible compressed keys floor((t + 1 - l) / d) + 1; selected keys
+             (all t + 1 while at most n blocks are visible, else n - 1 whole blocks + the own block up to t);
+             window min(w, t + 1).
+  dsa        min(topk, t + 1) keys (all t + 1 in the warm-up stage) ...
+  dsa_block  ... or, per token, its own block up to t + min(topk // block - 1, past blocks) whole blocks;
+             both plus the indexer's scores of all t + 1 keys at H_I * d_I / (2 * H * head_dim) of an
+             attention pair's cost (one product per pair, not two).
+  """
+  t = np.arange(seq_len, dtype=np.float64)
+  sparse = config.attention
+
+  def own_and_past_blocks(block: int, slots: int) -> np.ndarray:
+    own = t // block
+    return (t - own * block + 1) + np.minimum(slots - 1, own) * block
+
+  if kind == "moba":
+    keys = own_and_past_blocks(sparse.moba.block_size, sparse.moba.topk)
+  elif kind == "nsa":
+    nsa = sparse.nsa
+    keys = np.zeros_like(t)
+    if "compressed" in nsa.branches:
+      keys += np.maximum(np.floor((t + 1 - nsa.compress_block) / nsa.compress_stride) + 1, 0)
+    if "selected" in nsa.branches:
+      visible_blocks = t // nsa.select_block + 1
+      keys += np.where(visible_blocks <= nsa.num_selected, t + 1,
+                       (nsa.num_selected - 1) * nsa.select_block + t % nsa.select_block + 1)
+    if "window" in nsa.branches:
+      keys += np.minimum(nsa.window, t + 1)
+  else:
+    dsa = sparse.dsa
+    if dsa.stage == "warmup":
+      keys = t + 1
+    elif kind == "dsa":
+      keys = np.minimum(dsa.topk, t + 1)
+    else:
+      keys = own_and_past_blocks(dsa.block_size, dsa.topk // dsa.block_size)
+    keys = keys + (t + 1) * dsa.index_heads * dsa.index_head_dim / (2 * config.num_heads * config.resolved_head_dim)
+  return float(keys.sum()) / seq_len**2
 
 
 def allowed_pair_fraction(layout) -> float:

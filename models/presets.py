@@ -5,6 +5,7 @@ from typing import Callable
 
 from sparseformer.layers.moe import config as moe_config
 from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.attention.routed.config import DSAConfig, MoBAConfig, NSAConfig
 from sparseformer.models.config import ModelConfig
 
 _SMALL = dict(num_layers=4, d_model=512, num_heads=8, num_kv_heads=8, max_seq_len=512)
@@ -61,6 +62,30 @@ def longformer() -> ModelConfig:
                      attention=SparseAttentionConfig(window=256, num_global=64, block_size=64))
 
 
+def moba_small() -> ModelConfig:
+  """MoBA (Lu et al., 2025) in every layer, at 2K the paper's 8K geometry: 16 blocks per sequence (128 tokens
+  each), top-3 counting the own block (density about 0.3 of causal)."""
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("moba",),
+                     attention=SparseAttentionConfig(block_size=64, moba=MoBAConfig(block_size=128, topk=3)))
+
+
+def nsa_small() -> ModelConfig:
+  """NSA (Yuan et al., 2025) in every layer with GQA (4 query heads per selection group): the paper's
+  l / d / l' / n / w = 32 / 16 / 64 / 16 / 512 (for 8K-64K) scaled down for 2K sequences to 16 / 8 / 32 / 8 / 128,
+  one initial and two local blocks forced (the three branches together about 0.5 of causal)."""
+  nsa = NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=8, window=128)
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048, num_kv_heads=2), attention_pattern=("nsa",),
+                     attention=SparseAttentionConfig(block_size=32, nsa=nsa))
+
+
+def dsa_small() -> ModelConfig:
+  """DeepSeek Sparse Attention in every layer: a 4-head, 32-wide lightning indexer (the paper's 64 x 128 is sized
+  for a 128-head model), top-256 keys of 2K (the paper's 2048 of 128K is sparser), sparse stage."""
+  dsa = DSAConfig(index_heads=4, index_head_dim=32, topk=256, rope_dim=16, key_chunk=512)
+  return ModelConfig(**_SMALL | dict(max_seq_len=2048), attention_pattern=("dsa",),
+                     attention=SparseAttentionConfig(block_size=64, dsa=dsa))
+
+
 def moe_mixtral_small() -> ModelConfig:
   """Top-2 of 8 dropless experts in every other layer (Mixtral routing), equal active FLOPs to `small`."""
   return ModelConfig(**_SMALL, ffn_pattern=("dense", "moe"),
@@ -82,7 +107,7 @@ def moe_deepseek_small() -> ModelConfig:
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     fn.__name__: fn for fn in (tiny, quickstart, small, base, all_local, local_global_5to1, chunked_3to1, bigbird,
-                               longformer, moe_mixtral_small, moe_switch_small, moe_deepseek_small)
+                               longformer, moba_small, nsa_small, dsa_small, moe_mixtral_small, moe_switch_small, moe_deepseek_small)
 }
 
 
