@@ -1,4 +1,5 @@
-"""Tests of train/optimizer.py: the learning-rate schedule and which parameters the real AdamW decays."""
+"""Tests of train/optimizer.py: the learning-rate schedule, which parameters the real AdamW decays, and
+DSA's warm-up freeze (only the lightning indexer learns)."""
 
 import dataclasses
 import math
@@ -9,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.attention.routed.config import DSAConfig
 from sparseformer.layers.moe import config as moe_config
 from sparseformer.models import presets
 from sparseformer.train import optimizer
@@ -111,3 +114,61 @@ def test_real_adamw_decays_exactly_the_masked_parameters_at_the_scheduled_rate()
       else:
         assert not got.any(), f"{name} decayed at step {step}"
     names = _by_name(params)
+
+
+def _dsa_model_config(stage: str):
+  """A 2-layer model whose second layer is DSA (indexer parameters under ['blocks'][1]['attention']['routed'])."""
+  dsa = DSAConfig(index_heads=2, index_head_dim=8, rope_dim=4, topk=8, block_size=4, key_chunk=8, stage=stage)
+  return dataclasses.replace(presets.tiny(), d_model=32, num_heads=2, num_kv_heads=2, attention_pattern=("global", "dsa"),
+                             attention=SparseAttentionConfig(dsa=dsa))
+
+
+def _random_params(config, seed=0):
+  _, abstract_params, _ = state_lib.abstract_model(config)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype), abstract_params)
+
+
+def test_dsa_warmup_steps_only_the_indexer_and_keeps_the_optimizer_state_layout():
+  """DeepSeek-V3.2-Exp §2.1 warm-up: with random gradients and weight decay, one AdamW step moves every
+  indexer parameter and leaves every other parameter exactly unchanged (no Adam step, no decay, moments at
+  rest); the sparse stage moves everything; both stages (and a model-less build) have the same state layout,
+  so a run can switch stage on resume."""
+  config = TrainConfig(steps=10, warmup_steps=0, learning_rate=0.1, weight_decay=0.5, grad_clip=1.0)
+  params = _random_params(_dsa_model_config("warmup"))
+  grads = jax.tree.map(lambda leaf: jnp.asarray(np.random.default_rng(1).normal(size=leaf.shape), leaf.dtype), params)
+  names = _by_name(params)
+  indexer = {name for name in names if "['indexer']" in name}
+  assert len(indexer) == 5 and len(names) - len(indexer) >= 10
+  layouts = []
+  for stage in ("warmup", "sparse"):
+    transform = optimizer.build_optimizer(config, params, _dsa_model_config(stage))
+    opt_state = transform.init(params)
+    layouts.append(jax.tree_util.tree_structure(opt_state))
+    updates, opt_state = jax.jit(transform.update)(grads, opt_state, params)
+    new = _by_name(optax.apply_updates(params, updates))
+    for name, value in new.items():
+      assert np.isfinite(value).all(), name
+      moved = not np.array_equal(value, names[name])
+      assert moved == (stage == "sparse" or name in indexer), f"{stage}: {name} moved={moved}"
+    moments = _by_name(opt_state[1][0].mu)  # chain(clip, adamw) -> adamw -> scale_by_adam
+    if stage == "warmup":
+      assert all(not moments[name].any() for name in moments if name not in indexer)
+  layouts.append(jax.tree_util.tree_structure(optimizer.build_optimizer(config, params).init(params)))
+  assert layouts[0] == layouts[1] == layouts[2]
+
+
+def test_trainable_mask_is_the_indexer_only_in_dsa_warmup():
+  params = _random_params(_dsa_model_config("warmup"))
+  mask = _by_name(optimizer.trainable_mask(params, _dsa_model_config("warmup")))
+  assert {name for name, keep in mask.items() if keep} == {name for name in mask if "['indexer']" in name}
+  assert optimizer.trainable_mask(params, _dsa_model_config("sparse")) is None
+  assert optimizer.trainable_mask(params, None) is None
+  no_dsa = dataclasses.replace(_dsa_model_config("warmup"), attention_pattern=("global",))
+  assert optimizer.trainable_mask(params, no_dsa) is None  # stage only matters where a DSA layer exists
+
+
+def test_dsa_warmup_without_indexer_parameters_is_an_error():
+  params = _model_params()  # no indexer anywhere
+  with pytest.raises(ValueError, match=r"model\.attention\.dsa\.stage='warmup'.*indexer"):
+    optimizer.build_optimizer(TrainConfig(), params, _dsa_model_config("warmup"))
