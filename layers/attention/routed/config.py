@@ -36,7 +36,8 @@ class MoBAConfig:
   block_size: int = 512  # tokens per key block (the paper's 8K setting: 512)
   topk: int = 3  # key blocks per query, counting the query's own block (paper: 3 at 8K)
   scheme: str = "kv_major"  # xla backend: union (query-block-major traced layout) | kv_major (per key block, the
-  # queries that chose it; MoBA's "efficient" form); reference and pallas always run the union layout
+  # queries that chose it; MoBA's "efficient" form; measured on CPU at 4K-8K: 57-94 % of the 1/density bound,
+  # union 6-35 %); reference and pallas always run the union layout
   kv_major_tile: int = 128  # kv_major: queries per attention tile (one key block each)
 
   def __post_init__(self):

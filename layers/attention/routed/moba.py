@@ -2,13 +2,13 @@
 
     out, aux = moba_attention(q, k, v, block_size=512, topk=3, block_q=64, backend="xla")
 
-§2.2: the keys are split into blocks of `block_size` tokens (the last one may be short); query t scores block i
-by s_i = <q_t, mean_pool(K[I_i])> (eq. 5; f32, no softmax scale, no parameters), the gate g_i = 1 for the top-k
-scores (eq. 4) and q_t attends the union of its gated blocks in one softmax (eq. 2-3). Causality (§2.2,
-"causality"): blocks after the query's own block are never chosen, the own block is always chosen, counts in
-`topk` and is attended causally (eq. 6's masks in our reading). Selection carries no gradient (the gate only
-picks indices); GQA selects per query head, query head h reading kv head h // (H // KVH). Ties go to the lower
-block index. Scores are [B, H, T, T / block_size], never [T, T].
+§2.2 (eq. 3-6): the keys are split into blocks of `block_size` tokens (the last one may be short); query t
+scores block i by s_i = <q_t, mean_pool(K[I_i])> (f32, no softmax scale, no parameters), the gate keeps the
+top-k scores and q_t attends the union of its gated blocks in one softmax. Causality (§2.2): blocks after the
+query's own block are never chosen, the own block is always chosen, counts in `topk` and is attended
+causally. Selection carries no gradient (the gate only picks indices); GQA selects per query head, query head
+h reading kv head h // (H // KVH). Ties go to the lower block index. Scores are [B, H, T, T / block_size],
+never [T, T].
 
 Two exact schemes:
   union     `selection.attend_selected`: a query block of `block_q` tokens visits the union of its tokens'
@@ -32,7 +32,7 @@ from sparseformer.layers.attention.routed import moba_kv_major, selection
 
 
 def block_scores(q: jax.Array, k: jax.Array, block_size: int) -> jax.Array:
-  """s[b, h, t, i] = q[b, t, h] . mean(k[b, block i, h // G]) in f32 (MoBA eq. 5): [B, H, T, nk]."""
+  """s[b, h, t, i] = q[b, t, h] . mean(k[b, block i, h // G]) in f32 (MoBA §2.2, the gate's score): [B, H, T, nk]."""
   batch, seq, kv_heads, dim = k.shape
   num_blocks = math.ceil(seq / block_size)
   padded = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, num_blocks * block_size - seq), (0, 0), (0, 0)))

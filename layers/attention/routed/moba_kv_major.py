@@ -1,6 +1,6 @@
 """MoBA's key-block-major ("efficient") scheme: the xla fast path of `moba_attention`.
 
-Lu et al. (2025), MoBA §2.3 / Algorithm 1: instead of a query block visiting the union of its tokens' blocks,
+Lu et al. (2025), MoBA's implementation section (its Algorithm 1, in our reading): instead of a query block visiting the union of its tokens' blocks,
 every key block gathers the (head, token) queries that chose it (MoE-style dropless dispatch with key blocks
 as experts), attends them without a mask (a chosen past block lies wholly before its queries), and the partial
 results merge with the causal own-block attention by log-sum-exp.
