@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from typing import Callable
 
 import jax
@@ -23,6 +24,7 @@ from sparseformer.train import sharding as sharding_lib
 from sparseformer.train import state as state_lib
 from sparseformer.train import step as step_lib
 from sparseformer.train import tokenizer
+from sparseformer.train.tasks import batches as task_batches
 from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
 from sparseformer.train.sample import sample_tokens
@@ -60,13 +62,29 @@ def load_run_config(workdir: str) -> RunConfig:
     return overrides.from_dict(RunConfig, json.load(file))
 
 
+def _with_defaults(stored: dict, cls: type) -> dict:
+  """`stored` (a config.json dict) with every field it lacks set to its dataclass default, as `from_dict` reads
+  it: a run written before a field existed compares equal to a config that leaves the field at its default."""
+  filled = dict(stored)
+  for field in dataclasses.fields(cls):
+    annotation = typing.get_type_hints(cls)[field.name]
+    if field.name not in filled:
+      default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+      filled[field.name] = json.loads(json.dumps(overrides.to_dict(default) if dataclasses.is_dataclass(default)
+                                                 else default))
+    elif dataclasses.is_dataclass(annotation) and isinstance(filled[field.name], dict):
+      filled[field.name] = _with_defaults(filled[field.name], annotation)
+  return filled
+
+
 def _write_config(workdir: str, config: RunConfig) -> None:
-  """Writes config.json, refusing to reuse a workdir that holds a different run."""
+  """Writes config.json, refusing to reuse a workdir that holds a different run (fields missing from an older
+  config.json count as their defaults)."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(json.dumps(overrides.to_dict(config)))
   if os.path.exists(path):
     with open(path, encoding="utf-8") as file:
-      old = json.load(file)
+      old = _with_defaults(json.load(file), RunConfig)
     old_flat, new_flat = _flatten(old), _flatten(new)
     changed = sorted(key for key in set(old_flat) | set(new_flat) if old_flat.get(key) != new_flat.get(key)
                      and not key.startswith(RESUMABLE_CHANGES))
@@ -157,25 +175,38 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   return Run(config, workdir, mesh, setup, state, checkpointer, data_state, sharding_lib.batch_sharding(mesh))
 
 
-def evaluate(run: Run, batches: list) -> dict[str, float]:
-  """Validation loss and bits per byte over `batches` (global arrays)."""
+def evaluate(run: Run, val_sets: dict[str, list]) -> dict[str, float]:
+  """Masked loss, token / example accuracy (and bits per byte for text) of each evaluation set (global arrays):
+  the validation set "" as `loss` etc., each extra task mix as `<mix>/loss` etc.; empty sets are skipped."""
   if run.eval_step is None:
     run.eval_step = jax.jit(step_lib.make_eval_step(run.setup))
+  bits_per_byte = run.config.data.resolved_source != "task"
+  summary = {}
   with jax.set_mesh(run.mesh):
-    return step_lib.summarize_eval([run.eval_step(run.state, batch) for batch in batches])
+    for name, batches in val_sets.items():
+      if batches:
+        metrics = step_lib.summarize_eval([run.eval_step(run.state, batch) for batch in batches],
+                                          bits_per_byte=bits_per_byte)
+        summary.update({(f"{name}/{key}" if name else key): value for key, value in metrics.items()})
+  return summary
+
+
+def _global_val_sets(config: RunConfig, corpus, run: Run) -> dict[str, list]:
+  index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
+  return {name: [data_lib.to_global_batch(batch, run.batch_sharding, config.data.batch_size) for batch in batches]
+          for name, batches in data_lib.validation_sets(config.data, corpus, index, count).items()}
 
 
 def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
-  """`sparseformer eval`: validation metrics of the latest checkpoint in `workdir`."""
-  corpus = data_lib.load_corpus(config.data)
+  """`sparseformer eval`: validation metrics of the latest checkpoint in `workdir` (every task mix too)."""
+  corpus = data_lib.load_source(config.data)
   run = open_run(config, workdir, require_checkpoint=True)
   try:
-    index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
-    batches = [data_lib.to_global_batch(batch, run.batch_sharding, config.data.batch_size)
-               for batch in data_lib.validation_batches(corpus, config.data, index, count)]
-    if not batches:
-      raise ValueError("The validation split holds no full batch; raise data.val_fraction or lower data.batch_size.")
-    return {"step": int(run.state.step), **evaluate(run, batches)}
+    val_sets = _global_val_sets(config, corpus, run)
+    if not val_sets[""]:
+      raise ValueError("The validation split holds no full batch; raise data.val_fraction or data.num_val_batches, "
+                       "or lower data.batch_size.")
+    return {"step": int(run.state.step), **evaluate(run, val_sets)}
   finally:
     run.checkpointer.close()
 
@@ -190,17 +221,16 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   """Trains (or resumes) the run in `workdir`; returns the final summary. See DESIGN.md, "A training run"."""
   # --- Setup: validate everything that can fail before any work is done.
   workdir = checkpoint_lib.check_workdir(workdir)
-  corpus = data_lib.load_corpus(config.data)
+  corpus = data_lib.load_source(config.data)  # None for a task
   _write_config(workdir, config)
 
   # --- Mesh, model, optimizer, restore.
   run = open_run(config, workdir, devices=devices)
   index, count = data_lib.local_batch_shard(run.batch_sharding, config.data)
-  train_batches = data_lib.TrainBatches(corpus, config.data, index, count)
+  train_batches = data_lib.make_train_batches(config.data, corpus, index, count)
   if run.data_state is not None:
     train_batches.set_state(run.data_state)
-  val_batches = [data_lib.to_global_batch(batch, run.batch_sharding, config.data.batch_size)
-                 for batch in data_lib.validation_batches(corpus, config.data, index, count)]
+  val_sets = _global_val_sets(config, corpus, run)
 
   # --- Compile the steps.
   schedule = optimizer_lib.learning_rate_schedule(config.train)
@@ -214,7 +244,7 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   peak_flops = config.train.peak_flops or metrics_lib.measure_matmul_peak(config.model.dtype)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   log(f"Training {config.name}: {_parameter_count(run.state):,} parameters, {jax.device_count()} device(s), "
-      f"mesh {dict(run.mesh.shape)}; data: {_describe_corpus(corpus)}")
+      f"mesh {dict(run.mesh.shape)}; data: {_describe_data(config, corpus)}")
   log(f"Model FLOPs per token {flops_per_token:.3g}; peak {peak_flops / 1e9:.1f} GFLOP/s "
       f"({'given' if config.train.peak_flops else 'measured matmul'}).")
   if config.model.allow_bidirectional_attention and not config.model.attention.causal:
@@ -248,7 +278,8 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
           progress.update(1)
         if step % config.train.log_every == 0:
           logged = {name: value for name, value in step_metrics.items() if name != "finite"}
-          logged["epoch"] = train_batches.epoch
+          if isinstance(train_batches, data_lib.TrainBatches):
+            logged["epoch"] = train_batches.epoch
           if interval_steps:
             tokens_per_second = interval_steps * tokens_per_step / (time.perf_counter() - interval_start)
             logged.update(tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_per_token / peak_flops)
@@ -258,8 +289,9 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
                                  tok_s=f"{logged.get('tokens_per_second', 0):,.0f}", mfu=f"{logged.get('mfu', 0):.0%}")
           interval_start, interval_steps = time.perf_counter(), 0
         if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
-          summary = evaluate(run, val_batches) if val_batches else {}
-          writer.write(step, summary, prefix="eval/")
+          summary = evaluate(run, val_sets)
+          if summary:
+            writer.write(step, summary, prefix="eval/")
           interval_start, interval_steps = time.perf_counter(), 0
         if step == config.train.stop_at_step:
           stop.requested = True
@@ -277,12 +309,13 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
     progress = _close(progress)
     if last_saved != step or run.checkpointer.latest_step() != step:
       run.checkpointer.save(step, run.state, train_batches.get_state())
-    if val_batches:
-      summary = evaluate(run, val_batches)
+    summary = evaluate(run, val_sets)
+    if summary:
       writer.write(step, summary, prefix="eval/")
-      log(f"Validation at step {step}: loss {summary['loss']:.4f} nats/token, "
-          f"{summary['bits_per_byte']:.4f} bits per byte.")
-    if config.train.sample_tokens:
+      log(f"Validation at step {step}: " + _describe_eval(summary))
+    if config.train.sample_tokens and config.data.resolved_source == "task":
+      log("No text sample: the model was trained on a task, not on text (train.sample_tokens is ignored).")
+    elif config.train.sample_tokens:
       text = sample_text(run, config.train.sample_prompt, config.train.sample_tokens)
       log(f"Sample (prompt {config.train.sample_prompt!r}, temperature 0.8):\n{text}\n")
   finally:
@@ -308,7 +341,22 @@ def read_train_losses(workdir: str) -> dict[int, float]:
   return {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(workdir) if "train/loss" in r}
 
 
-def _describe_corpus(corpus) -> str:
+def _describe_eval(summary: dict) -> str:
+  """'loss 1.2345 nats/token, 2.7000 bits per byte' (text) or loss and accuracies per task mix."""
+  if "bits_per_byte" in summary:
+    return f"loss {summary['loss']:.4f} nats/token, {summary['bits_per_byte']:.4f} bits per byte."
+  mixes = [""] + sorted({key.rsplit("/", 1)[0] for key in summary if "/" in key})
+  parts = []
+  for mix in mixes:
+    prefix = f"{mix}/" if mix else ""
+    parts.append(f"{mix or 'validation'}: loss {summary[prefix + 'loss']:.4f}, token accuracy "
+                 f"{summary[prefix + 'token_accuracy']:.1%}, example accuracy {summary[prefix + 'example_accuracy']:.1%}")
+  return "; ".join(parts) + "."
+
+
+def _describe_data(config: RunConfig, corpus) -> str:
+  if corpus is None:
+    return task_batches.describe(config.data)
   meta = corpus.metadata
   source = meta.get("source", "?")
   if "python_version" in meta:

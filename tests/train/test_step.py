@@ -129,3 +129,102 @@ def test_accumulation_equals_one_step_on_the_whole_batch(accum_steps):
   loads = [v for k, v in want_extra.items() if "load" in k]
   biases = [v - b for (k, v), b in zip(want_extra.items(), _numpy(state.extra).values()) if "bias" in k]
   assert len(loads) == 1 and len(biases) == 1 and any(np.abs(b).sum() > 0 for b in biases)
+
+
+# -- loss masks: the masked loss and the accuracies against NumPy, dense model (one compile per step kind)
+
+MASK_VOCAB = 16
+
+
+@functools.cache
+def _dense_setup():
+  config = ModelConfig(vocab_size=MASK_VOCAB, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
+                       max_seq_len=LENGTH)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1])
+  setup = state_lib.setup_model(config, lambda params: _sgd_keeping_grads(LEARNING_RATE), mesh, seed=0)
+  return setup, state_lib.init_train_state(config, setup, seed=0)
+
+
+@functools.cache
+def _dense_step(accum_steps: int):
+  setup, _ = _dense_setup()
+  return jax.jit(step_lib.make_train_step(setup, accum_steps=accum_steps, learning_rate=lambda step: LEARNING_RATE))
+
+
+def _masked_batch(seed: int, batch: int = BATCH) -> dict:
+  """Random tokens and a 0/1 mask with uneven counts per row (row 1 unlabelled), as numpy."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, MASK_VOCAB, (batch, LENGTH + 1))
+  mask = (rng.random((batch, LENGTH)) < 0.4).astype(np.float32)
+  mask[0] = 1.0  # micro-batch 0 (rows 0, 2) holds many more labels than micro-batch 1 (rows 1, 3)
+  mask[1] = 0.0
+  mask[3, :] = 0.0
+  mask[3, 2] = 1.0
+  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32), "loss_mask": mask}
+
+
+def _numpy_reference(state, batch: dict) -> dict:
+  """Masked mean NLL and both accuracies computed in float64 NumPy from the model's logits."""
+  setup, _ = _dense_setup()
+  model = nnx.merge(setup.graphdef, state.params, state.extra)
+  logits = np.asarray(model(jnp.asarray(batch["inputs"]))[0], np.float64)
+  assert not np.isnan(logits).any()
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, batch["targets"][..., None].astype(np.int64), -1)[..., 0]
+  mask = batch["loss_mask"].astype(np.float64)
+  right = (logits.argmax(-1) == batch["targets"]) & (mask > 0)
+  labelled = (mask > 0).any(-1)
+  all_right = labelled & (right.sum(-1) == (mask > 0).sum(-1))
+  return {"loss": (nll * mask).sum() / mask.sum(), "unmasked_loss": nll.mean(),
+          "token_accuracy": right.sum() / (mask > 0).sum(), "example_accuracy": all_right.sum() / labelled.sum(),
+          "micro_mean_loss": np.mean([(nll[a::2] * mask[a::2]).sum() / mask[a::2].sum() for a in range(2)])}
+
+
+def _close(got, want, what, rtol=2e-5):
+  got = float(np.asarray(got))
+  assert not np.isnan(got), what
+  assert abs(got - want) <= rtol * max(abs(want), 1e-3), f"{what}: {got} vs {want}"
+
+
+def test_masked_loss_and_accuracies_equal_numpy(seed):
+  _, state = _dense_setup()
+  batch = _masked_batch(seed)
+  want = _numpy_reference(state, batch)
+  _, metrics = _dense_step(1)(state, jax.tree.map(jnp.asarray, batch))
+  _close(metrics["loss"], want["loss"], "masked loss")
+  _close(metrics["token_accuracy"], want["token_accuracy"], "token accuracy")
+  _close(metrics["example_accuracy"], want["example_accuracy"], "example accuracy")
+  assert abs(want["loss"] - want["unmasked_loss"]) > 1e-3  # the mask matters on this batch
+  # Eval sums give the same numbers.
+  setup, _ = _dense_setup()
+  summary = step_lib.summarize_eval([jax.jit(step_lib.make_eval_step(setup))(state, batch)], bits_per_byte=False)
+  for name in ("loss", "token_accuracy", "example_accuracy"):
+    _close(summary[name], want[name], f"eval {name}")
+  assert "bits_per_byte" not in summary
+
+
+def test_masked_accumulation_equals_one_step_on_the_whole_batch(seed):
+  """A = 2 with micro-batches of very different label counts: loss and gradients equal A = 1 exactly, not the
+  mean of the micro-batch means."""
+  _, state = _dense_setup()
+  batch = jax.tree.map(jnp.asarray, _masked_batch(seed))
+  whole_state, whole = _dense_step(1)(state, batch)
+  accum_state, accum = _dense_step(2)(state, batch)
+  want = _numpy_reference(state, _masked_batch(seed))
+  _close(accum["loss"], want["loss"], "accumulated masked loss")
+  assert abs(want["micro_mean_loss"] - want["loss"]) > 1e-3  # the test separates the two definitions
+  for name in ("token_accuracy", "example_accuracy", "total_loss"):
+    _close(accum[name], float(whole[name]), name)
+  _assert_trees_close(accum_state.opt_state, whole_state.opt_state, "gradients", rtol=5e-5)
+
+
+def test_an_all_ones_mask_gives_the_unmasked_language_model_loss():
+  _, state = _dense_setup()
+  batch = _masked_batch(1)
+  batch["loss_mask"] = np.ones_like(batch["loss_mask"])
+  want = _numpy_reference(state, batch)["unmasked_loss"]
+  _, with_mask = _dense_step(1)(state, jax.tree.map(jnp.asarray, batch))
+  _, without = _dense_step(1)(state, {k: jnp.asarray(v) for k, v in batch.items() if k != "loss_mask"})
+  _close(with_mask["loss"], want, "all-ones mask")
+  _close(without["loss"], want, "no mask")

@@ -18,6 +18,7 @@ from sparseformer.train.tasks import copy, listops, mqar, passkey, rng
 from sparseformer.train.tasks.config import Mix
 
 STATE_FORMAT = "sparseformer.tasks.TaskBatches/1"
+MAX_ROUNDS = 64  # a split's share is >= 10 %: a legitimate example is missed after 64 rounds with p < 1e-29
 GENERATORS = {"mqar": mqar.generate, "listops": listops.generate, "passkey": passkey.generate,
               "copy": copy.generate}
 
@@ -35,6 +36,10 @@ def examples(task: str, task_config, seq_len: int, seed: int, split: str, indice
   pending = np.arange(indices.size)
   batch, first_attempt = None, 0
   while pending.size:
+    if first_attempt >= MAX_ROUNDS * per_round:
+      raise ValueError(f"data.task={task!r}: no {split} example found in {first_attempt} draws; the settings "
+                       f"({task_config}) allow too few distinct examples to split them into train / validation "
+                       "/ test. Enlarge the task (more pairs, tokens, a larger vocabulary or seq_len).")
     attempts = np.arange(first_attempt, first_attempt + per_round)
     draws = rng.Draws(rng.example_keys(base, np.repeat(indices[pending], per_round),
                                        np.tile(attempts, pending.size)))
