@@ -216,8 +216,10 @@ def test_to_global_batch_single_device(tmp_path):
   assert data.local_batch_shard(sharding, config) == (0, 1)
   batch = next(data.TrainBatches(loaded, config))
   arrays = data.to_global_batch(batch, sharding)
+  assert set(batch) == {"inputs", "targets", "loss_mask"}
   for key in batch:
-    assert arrays[key].sharding == sharding and arrays[key].dtype == np.int32
+    want_dtype = np.float32 if key == "loss_mask" else np.int32
+    assert arrays[key].sharding == sharding and arrays[key].dtype == want_dtype
     np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])
 
 
