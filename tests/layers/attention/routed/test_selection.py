@@ -108,8 +108,9 @@ def test_selected_layout_lists_the_union_once_ascending_with_the_contract_paddin
   num_blocks = -(-seq // block_kv)
   block_index = _random_selection(rng, 1, heads, seq, slots, num_blocks)[0]
   block_index[0, :block_q] = -1  # one query block that selects nothing
-  layout = selection.selected_layout(jnp.asarray(block_index), seq_kv=seq, block_q=block_q, block_kv=block_kv)
-  kv_index, kv_count, kv_mask_id = (np.asarray(x) for x in (layout.kv_index, layout.kv_count, layout.kv_mask_id))
+  lists = jax.jit(lambda b: (lambda lay: (lay.kv_index, lay.kv_count, lay.kv_mask_id))(selection.selected_layout(
+      b, seq_kv=seq, block_q=block_q, block_kv=block_kv)))(jnp.asarray(block_index))
+  kv_index, kv_count, kv_mask_id = (np.asarray(x) for x in lists)
   rows = np.minimum(np.arange(-(-seq // block_q) * block_q), seq - 1).reshape(-1, block_q)
   for h, i in np.ndindex(kv_count.shape):
     chosen = block_index[h, rows[i]]
@@ -128,7 +129,7 @@ def test_traced_selection_equals_the_same_selection_as_a_host_layout(seed):
   rng = np.random.default_rng(seed)
   heads, seq, slots, block_q, block_kv = 2, 27, 2, 4, 8
   block_index = _random_selection(rng, 1, heads, seq, slots, -(-seq // block_kv))
-  traced = selection.selected_layout(jnp.asarray(block_index[0]), seq_kv=seq, block_q=block_q, block_kv=block_kv)
+  traced = lambda b: selection.selected_layout(b, seq_kv=seq, block_q=block_q, block_kv=block_kv)
   want = _selection_mask(block_index, seq, block_kv)[0]  # [H, T, S]
   nq, nk = -(-seq // block_q), -(-seq // block_kv)
   padded = np.zeros((heads, nq * block_q, nk * block_kv), bool)
@@ -139,11 +140,14 @@ def test_traced_selection_equals_the_same_selection_as_a_host_layout(seed):
   host = layouts.from_block_table(table, tiles.reshape(-1, block_q, block_kv), seq_q=seq, seq_kv=seq,
                                   block_q=block_q, block_kv=block_kv)
   from sparseformer.layers.attention import backends, layout_view
-  np.testing.assert_array_equal(np.asarray(layout_view.token_mask(traced)), host.to_token_mask())
-  np.testing.assert_array_equal(host.to_token_mask(), want)
   (q, k, v), _ = _inputs(seed, 1, seq, heads, heads, 8)
-  got = backends.attend(q, k, v, traced, backend="xla")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(backends.attend(q, k, v, host, backend="xla")), atol=1e-6)
+  traced_mask, got = jax.jit(lambda b, q, k, v: (layout_view.token_mask(traced(b)),
+                                                 backends.attend(q, k, v, traced(b), backend="xla")))(
+      jnp.asarray(block_index[0]), q, k, v)
+  np.testing.assert_array_equal(np.asarray(traced_mask), host.to_token_mask())
+  np.testing.assert_array_equal(host.to_token_mask(), want)
+  want_out = jax.jit(lambda q, k, v: backends.attend(q, k, v, host, backend="xla"))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want_out), atol=1e-6)
 
 
 def test_attend_selected_rejects_mismatched_shapes():
