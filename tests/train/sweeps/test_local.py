@@ -108,18 +108,21 @@ def test_failing_runs_are_recorded_the_others_go_on_and_the_exit_status_counts_t
 
 def test_sweep_run_end_to_end_kill_9_mid_sweep_then_resume(tmp_path, tmp_path_factory, text_corpus):
   """2 variants x 2 seeds through `python -m sparseformer.train.cli sweep run`, --parallel 2; SIGKILL of the sweep
-  process once one run is done and another is running; its trainers die; a rerun skips the done runs untouched
-  and finishes the rest."""
+  process once one run is done and another is starting; its trainers die with it (the starting one before it
+  could finish); a rerun skips the done runs untouched and finishes the rest."""
   study, out = write_study(tmp_path, text_corpus), str(tmp_path / "sweep")
   command = [sys.executable, "-m", "sparseformer.train.cli", "sweep", "run", "--experiment", study, "--out", out,
              "--parallel", "2"]
   env = {**os.environ, **compile_cache_env(tmp_path_factory.getbasetemp())}
   with open(tmp_path / "first.log", "w", encoding="utf-8") as log:
     sweep = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 240
+    deadline, starting = time.monotonic() + 240, []
     while time.monotonic() < deadline and sweep.poll() is None:
-      states = [status["status"] for status in _statuses(out).values() if status]
-      if "done" in states and "running" in states:
+      statuses = _statuses(out)
+      # a run still starting up (no metrics yet) cannot finish on its own before its trainer gets the signal
+      starting = [name for name, status in statuses.items() if status and status["status"] == "running"
+                  and store.last_step(store.run_dir(out, name)) is None]
+      if starting and any(status and status["status"] == "done" for status in statuses.values()):
         break
       time.sleep(0.1)
     trainers = _children(sweep.pid)
@@ -131,6 +134,9 @@ def test_sweep_run_end_to_end_kill_9_mid_sweep_then_resume(tmp_path, tmp_path_fa
   while any(map(_alive, trainers)) and time.monotonic() < deadline:
     time.sleep(0.2)
   assert not any(map(_alive, trainers)), "trainers outlived their sweep"
+  for name in starting:  # killed with the sweep, not finished: no final "Logs: ..." line of a completed run
+    with open(os.path.join(store.run_dir(out, name), store.LOG_FILE), encoding="utf-8") as file:
+      assert "\nLogs: " not in file.read(), f"{name} trained to the end after its sweep was killed"
   done_before = {name: status for name, status in _statuses(out).items() if status and status["status"] == "done"}
   assert 1 <= len(done_before) < 4
   untouched = {name: _snapshot(store.run_dir(out, name)) for name in done_before}
