@@ -41,6 +41,7 @@ results = {
     "attention_error": namespace["attention_error"],
     "logits_finite": bool(np.isfinite(np.asarray(namespace["logits"])).all()),
     "summaries": [{key: float(value) for key, value in summary.items()} for summary in summaries],
+    "sweep_status": namespace["sweep_status"],
     "variant_patterns": [list(namespace["variant"].model.attention_pattern),
                          list(namespace["variant"].model.ffn_pattern)],
 }
@@ -95,5 +96,10 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     assert summary["step"] == results["STEPS"], summary
     assert 0 < summary["loss"] < 10 and 0 < summary["train_loss"] < 10, summary
   assert results["variant_patterns"] == [["local", "global"], ["dense", "moe"]]
+  assert results["sweep_status"] == 0, "the notebook's 4-run sweep failed"
+  summary_md = (tmp_path / "runs" / "mqar-sweep" / "summary.md").read_text(encoding="utf-8")
+  assert "Report covers all 4 runs." in summary_md, summary_md[:2000]
+  assert "global" in summary_md and "local_w16" in summary_md
+  assert (tmp_path / "runs" / "mqar-sweep" / "plots" / "curve_train_loss.png").stat().st_size > 0
   for run in ("quickstart", "local-global-moe"):
     assert (tmp_path / "runs" / run / "metrics.jsonl").stat().st_size > 0
