@@ -12,6 +12,7 @@ MOBA_SCHEMES = ("union", "kv_major")
 NSA_COMPRESSIONS = ("mlp", "mean")
 NSA_GATES = ("mlp", "linear")
 NSA_BRANCHES = ("compressed", "selected", "window")  # order of the gate outputs
+NSA_SELECTED_SCHEMES = ("union", "token")
 DSA_STAGES = ("sparse", "warmup")
 
 
@@ -61,6 +62,8 @@ class NSAConfig:
   separate_kv: bool = True  # independent K/V projections per branch (paper: against shortcut learning)
   gate_hidden: int = 64  # gate="mlp": hidden width of the gate MLP (eq. 5)
   branches: tuple[str, ...] = ("compressed", "selected", "window")  # branches summed; leave some out for ablations
+  selected_scheme: str = "union"  # selected branch: union (query blocks of attention.block_size) | token (a token's
+  # GQA group as the query block: exactly num_selected blocks each, the paper's kernel layout; xla backend)
 
   def __post_init__(self):
     _check_ints("nsa", self, {"compress_block": 1, "compress_stride": 1, "select_block": 1, "num_selected": 1,
@@ -83,6 +86,7 @@ class NSAConfig:
     if not isinstance(self.separate_kv, bool):
       raise ValueError(f"attention.nsa.separate_kv={self.separate_kv!r} must be True or False.")
     _check_ints("nsa", self, {"gate_hidden": 1})
+    _check_choice("nsa", self, "selected_scheme", NSA_SELECTED_SCHEMES)
     branches = self.branches
     if (not isinstance(branches, tuple) or not branches or len(set(branches)) != len(branches)
         or not set(branches) <= set(NSA_BRANCHES)):

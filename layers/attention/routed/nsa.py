@@ -144,8 +144,9 @@ class NSAAttention(nnx.Module):
                                    compress_stride=nsa.compress_stride, select_block=nsa.select_block)
       block_index = nc.select_blocks(scores, nsa.num_selected, select_block=nsa.select_block,
                                      init_blocks=nsa.init_blocks, local_blocks=nsa.local_blocks)
-      outs["selected"] = selection.attend_selected(q, k, v, block_index, block_q=self.config.block_size,
-                                                   block_kv=nsa.select_block, backend=self.config.backend)
+      outs["selected"] = selected_attention(q, k, v, block_index, scheme=nsa.selected_scheme,
+                                            block_q=self.config.block_size, select_block=nsa.select_block,
+                                            backend=self.config.backend)
       aux["selected_density"] = selected_density(block_index, nsa.select_block)
     if "window" in nsa.branches:
       layout = window_layout(seq_len, window=nsa.window, block_q=self.config.block_size,
@@ -159,6 +160,33 @@ class NSAAttention(nnx.Module):
         aux[f"gate_{branch}"] = jnp.mean(gates[:, :, c])
     aux["aux_loss"] = jnp.zeros((), jnp.float32)
     return out.astype(q.dtype), aux, block_index
+
+
+def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, scheme: str,
+                       block_q: int, select_block: int, backend: str) -> jax.Array:
+  """The selected branch: q [B, T, H, D] over k, v [B, T, KVH, D], query t of kv head h restricted to the
+  blocks block_index[b, h, t] (int32 [B, KVH, T, S], -1 = empty) and to keys <= t. Both schemes are exact.
+
+  union: query blocks of `block_q` tokens visit the union of their tokens' blocks (selection.py); the union
+         width min(num_blocks, block_q * S) is static, so at short T it covers every block.
+  token: the paper's kernel layout (§3.4): each token's G query heads of a group form one query block of G
+         rows that visits exactly its S blocks; causality is the per-slot key mask. Width S at any T, but
+         query blocks of G rows (compiled GPU tiles need >= 16; use it with the xla backend).
+  """
+  if scheme == "union":
+    return selection.attend_selected(q, k, v, block_index, block_q=block_q, block_kv=select_block, backend=backend)
+  batch, seq_len, heads, dim = q.shape
+  kv_heads, slots = k.shape[2], block_index.shape[-1]
+  group = heads // kv_heads
+  # [B, T, (K G), D] -> rows t * G + g of kv head K: one query block per token.
+  rows = q.reshape(batch, seq_len, kv_heads, group, dim).transpose(0, 1, 3, 2, 4).reshape(batch, -1, kv_heads, dim)
+  row_index = jnp.repeat(block_index, group, axis=2)  # [B, KVH, T * G, S]
+  key = row_index[..., None] * select_block + jnp.arange(select_block)
+  query = jnp.repeat(jnp.arange(seq_len), group)[None, None, :, None, None]
+  token_mask = (row_index[..., None] >= 0) & (key <= query)
+  out = selection.attend_selected(rows, k, v, row_index, block_q=group, block_kv=select_block, backend=backend,
+                                  width=slots, token_mask=token_mask, causal=False)
+  return out.reshape(batch, seq_len, group, kv_heads, dim).transpose(0, 1, 3, 2, 4).reshape(q.shape)
 
 
 def selected_density(block_index: jax.Array, select_block: int) -> jax.Array:
@@ -175,4 +203,4 @@ def selected_density(block_index: jax.Array, select_block: int) -> jax.Array:
   return (jnp.sum(keys.astype(jnp.float32)) / (causal_pairs * block_index.shape[0] * block_index.shape[1]))
 
 
-__all__ = ["BRANCHES", "NSAAttention", "selected_density", "window_layout"]
+__all__ = ["BRANCHES", "NSAAttention", "selected_attention", "selected_density", "window_layout"]

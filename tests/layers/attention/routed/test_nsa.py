@@ -365,7 +365,26 @@ def test_window_branch_alone_equals_local_kind(seed):
 @pytest.mark.parametrize("field,value,message", [
     ("branches", (), "attention.nsa.branches"), ("branches", ("window", "window"), "attention.nsa.branches"),
     ("branches", ("dense",), "attention.nsa.branches"), ("gate_hidden", 0, "attention.nsa.gate_hidden"),
-    ("compression", "max", "attention.nsa.compression"), ("local_blocks", 17, "attention.nsa.num_selected")])
+    ("compression", "max", "attention.nsa.compression"), ("local_blocks", 17, "attention.nsa.num_selected"),
+    ("selected_scheme", "kv_major", "attention.nsa.selected_scheme")])
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     NSAConfig(**{field: value})
+
+
+def test_selected_branch_token_scheme_equals_masked_reference(seed):
+  """selected_scheme="token" (a token's GQA group as one query block of G rows): values and dq/dk/dv."""
+  from sparseformer.layers.attention.routed.nsa import selected_attention
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in [(B, T, H, D), (B, T, KVH, D), (B, T, KVH, D)])
+  scores = jnp.asarray(rng.uniform(size=(B, KVH, T, 10)).astype(np.float32))
+  block_index = nc.select_blocks(scores, 5, select_block=8, init_blocks=1, local_blocks=2)
+  cotangent = rng.normal(size=(B, T, H, D)).astype(np.float32)
+  loss = lambda q, k, v: jnp.sum(selected_attention(q, k, v, block_index, scheme="token", block_q=16, select_block=8,
+                                                    backend="xla") * cotangent)
+  mask = jnp.repeat(jnp.asarray(ref_selected_mask(np.asarray(block_index), 8, T)), H // KVH, axis=1)
+  ref_loss = lambda q, k, v: jnp.sum(ref_attention(q, k, v, mask)[0] * cotangent)
+  got, expected = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (loss, ref_loss))
+  assert abs(float(got[0]) - float(expected[0])) < 1e-4 * max(abs(float(expected[0])), 1.0)
+  for name, grad, ref in zip("qkv", got[1], expected[1]):
+    assert _max_rel_err(grad, ref) < 1e-4, f"d{name}"
