@@ -7,7 +7,8 @@ Trainable Sparse Attention", arXiv 2502.11089): three attention branches summed 
   slc  selected: attention over the top-n blocks of l' tokens, ranked by the cmp branch's attention
        probabilities mapped onto selection blocks (eqs. 8-10), one selection per KV head; the first
        `init_blocks` and the `local_blocks` blocks ending at the query are always picked (§4.1). It runs
-       on the existing backends through routed/selection.py's traced union layout;
+       on the existing backends through routed/selection.py's traced layout (`selected_attention`:
+       the union per query block, or per token with its GQA group as the query rows);
   win  a sliding window of `window` keys: the `local` layout (builders.sliding_window) on the backends.
 
 K/V per branch (`attention.nsa.separate_kv`): True (the paper, "independent keys and values for three branches
