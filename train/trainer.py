@@ -32,7 +32,8 @@ from sparseformer.train.sample import sample_tokens
 # Fields a resumed run may change; any other difference from the stored config.json is an error.
 RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress_bar", "train.peak_flops", "train.sample_prompt",
-                     "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.")
+                     "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
+                     "data.mqar.eval_mixes", "data.passkey.eval_mixes")  # evaluation only
 
 
 class NonFiniteError(RuntimeError):
