@@ -33,7 +33,8 @@ from sparseformer.train.sample import sample_tokens
 RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress_bar", "train.peak_flops", "train.sample_prompt",
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
-                     "data.mqar.eval_mixes", "data.passkey.eval_mixes")  # evaluation only
+                     "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
+                     "model.attention.dsa.stage")  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
 
 
 class NonFiniteError(RuntimeError):
