@@ -112,6 +112,17 @@ def apply_overrides(root: Any, assignments: list[str]) -> Any:
   return from_dict(type(root), values)
 
 
+def flatten_dict(config: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict (to_dict, config.json) keyed by dotted field names."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(flatten_dict(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def to_dict(config: Any) -> dict:
   """A JSON-ready dict of a (nested) dataclass config."""
   return dataclasses.asdict(config)

@@ -46,16 +46,6 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def load_run_config(workdir: str) -> RunConfig:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -87,7 +77,7 @@ def _write_config(workdir: str, config: RunConfig) -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as file:
       old = _with_defaults(json.load(file), RunConfig)
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat, new_flat = overrides.flatten_dict(old), overrides.flatten_dict(new)
     changed = sorted(key for key in set(old_flat) | set(new_flat) if old_flat.get(key) != new_flat.get(key)
                      and not key.startswith(RESUMABLE_CHANGES))
     if changed:

@@ -28,6 +28,7 @@ import tempfile
 
 import numpy as np
 
+from sparseformer.train import overrides
 from sparseformer.train.sweeps import hparams, plots, stats, store
 
 LEARNING_RATE_FIELD = "train.learning_rate"
@@ -36,35 +37,8 @@ COMPARE_AT = ("steps", "tokens", "flops")
 TRAIN_LOSS = "train/loss"
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _read_records(run_dir: str) -> list[dict]:
-  """metrics.jsonl records, skipping a torn last line of a killed run."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  records = []
-  with open(path, encoding="utf-8") as file:
-    for line in file:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record, dict) and _is_number(record.get("step")):
-        records.append(record)
-  return records
 
 
 @dataclasses.dataclass
@@ -182,7 +156,7 @@ def load_runs(sweep_dir: str, sweep: dict) -> list[RunResult]:
         name=spec["name"], variant=str(spec["variant"]), grid=dict(spec.get("grid", {})),
         learning_rate=float(spec["learning_rate"]), seed=int(spec["seed"]),
         status=status.get("status", "not run"), error=status.get("error"),
-        wall_time_s=status.get("wall_time_s"), records=_read_records(run_dir), config=_flatten(raw_config),
+        wall_time_s=status.get("wall_time_s"), records=store.read_records(run_dir), config=overrides.flatten_dict(raw_config),
         flops_per_token=flops_per_token, overrides=list(spec.get("overrides", []))))
   return runs
 

@@ -132,21 +132,26 @@ def start_status(path: str) -> dict:
           "started": now_iso(), "finished": None, "host": socket.gethostname()}
 
 
-def last_step(path: str) -> int | None:
-  """The highest step recorded in the run's metrics.jsonl (None if none), tolerating a torn last line."""
+def read_records(path: str) -> list[dict]:
+  """The run's metrics.jsonl records that carry an integer step, skipping a torn line (a killed writer)."""
   metrics_path = os.path.join(path, "metrics.jsonl")
   if not os.path.exists(metrics_path):
-    return None
-  step = None
+    return []
+  records = []
   with open(metrics_path, encoding="utf-8") as file:
     for line in file:
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue
-      if isinstance(record, dict) and isinstance(record.get("step"), int):
-        step = record["step"] if step is None else max(step, record["step"])
-  return step
+      if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+        records.append(record)
+  return records
+
+
+def last_step(path: str) -> int | None:
+  """The highest step recorded in the run's metrics.jsonl (None if none), tolerating a torn last line."""
+  return max((record["step"] for record in read_records(path)), default=None)
 
 
 def final_checkpoint_written(path: str) -> bool:
