@@ -12,7 +12,8 @@ MOBA_SCHEMES = ("union", "kv_major")
 NSA_COMPRESSIONS = ("mlp", "mean")
 NSA_GATES = ("mlp", "linear")
 NSA_BRANCHES = ("compressed", "selected", "window")  # order of the gate outputs
-NSA_SELECTED_SCHEMES = ("union", "token")
+NSA_SELECTED_SCHEMES = ("kv_major", "union", "token")
+DSA_BLOCK_SCHEMES = ("kv_major", "union")
 DSA_STAGES = ("sparse", "warmup")
 
 
@@ -62,8 +63,9 @@ class NSAConfig:
   separate_kv: bool = True  # independent K/V projections per branch (paper: against shortcut learning)
   gate_hidden: int = 64  # gate="mlp": hidden width of the gate MLP (eq. 5)
   branches: tuple[str, ...] = ("compressed", "selected", "window")  # branches summed; leave some out for ablations
-  selected_scheme: str = "union"  # selected branch: union (query blocks of attention.block_size) | token (a token's
-  # GQA group as the query block: exactly num_selected blocks each, the paper's kernel layout; xla backend)
+  selected_scheme: str = "kv_major"  # selected branch: kv_major (per key block, the (token, kv group) rows that
+  # chose it; routed/kv_major.py; xla backend only, reference / pallas run union) | union (query blocks of
+  # attention.block_size) | token (a token's GQA group as the query block: exactly num_selected blocks each)
 
   def __post_init__(self):
     _check_ints("nsa", self, {"compress_block": 1, "compress_stride": 1, "select_block": 1, "num_selected": 1,
@@ -107,11 +109,14 @@ class DSAConfig:
   stage: str = "sparse"  # warmup (dense attention, only the indexer learns) | sparse (top-k attention)
   indexer_loss_weight: float = 1.0  # weight of the indexer KL loss added to the LM loss
   rope_dim: int = 64  # leading indexer dims that get (non-interleaved) RoPE
+  block_scheme: str = "kv_major"  # dsa_block on the xla backend: kv_major (routed/kv_major.py) | union (traced
+  # layout, query blocks of attention.block_size); reference and pallas always run union
 
   def __post_init__(self):
     _check_ints("dsa", self, {"index_heads": 1, "index_head_dim": 1, "topk": 1, "block_size": 1, "key_chunk": 1,
                               "query_chunk": 1, "rope_dim": 0})
     _check_choice("dsa", self, "stage", DSA_STAGES)
+    _check_choice("dsa", self, "block_scheme", DSA_BLOCK_SCHEMES)
     weight = self.indexer_loss_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
       raise ValueError(f"attention.dsa.indexer_loss_weight={weight!r} must be a number >= 0; set it to a number >= 0 "

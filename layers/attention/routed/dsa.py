@@ -10,7 +10,8 @@ by all heads (the paper's MLA runs in MQA mode, so one key set serves all heads)
   dsa_block  the indexer's scores max-pooled per key block of `attention.dsa.block_size`; each token keeps
              its top-(topk // block_size) blocks, its own block forced (counted in the budget), and attends
              their keys s <= t on the block backends through `selection.attend_selected` (a traced union
-             layout, query blocks of `attention.block_size`: reference / xla / pallas). This is MiniMax's MSA-style block variant (per fla's NSA
+             layout, query blocks of `attention.block_size`: reference / xla / pallas; on xla by default
+             `attention.dsa.block_scheme="kv_major"`, routed/kv_major.py). This is MiniMax's MSA-style block variant (per fla's NSA
              notes: a DSA-style indexer max-pooled to blocks "plus a forced local block"), not in the paper.
              The own block is forced for that reason, and so that a token always sees its most recent keys.
 
@@ -82,13 +83,19 @@ class DSAAttention(nnx.Module):
 
   def _block_attention(self, q, k, v, features) -> tuple[jax.Array, dsa_indexer.TokenSelection]:
     """dsa_block: block selection, attention on the block backends, and the selected tokens (for the KL)."""
-    from sparseformer.layers.attention.routed import selection as selection_lib  # noqa: PLC0415 (backends import)
+    from sparseformer.layers.attention import backends  # noqa: PLC0415 (backends import this module's package)
+    from sparseformer.layers.attention.routed import kv_major, selection as selection_lib  # noqa: PLC0415
 
     dsa = self.config.dsa
     block_index = select_blocks(features, dsa.topk, dsa.block_size, key_chunk=dsa.key_chunk,
                                 query_chunk=dsa.query_chunk)
-    out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
-                                        block_kv=dsa.block_size, backend=self.config.backend)
+    geometry = type("Blocks", (), {"block_q": self.config.block_size, "block_kv": dsa.block_size})
+    backend = backends.resolve_backend(self.config.backend, q, geometry)
+    if dsa.block_scheme == "kv_major" and backend == "xla":
+      out = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size)
+    else:
+      out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
+                                          block_kv=dsa.block_size, backend=backend)
     return out, block_tokens(block_index, dsa.block_size)
 
 

@@ -35,7 +35,7 @@ from flax import nnx
 from sparseformer.layers import rope
 from sparseformer.layers.attention import backends, builders
 from sparseformer.layers.attention.routed import nsa_compress as nc
-from sparseformer.layers.attention.routed import selection
+from sparseformer.layers.attention.routed import kv_major, selection
 from sparseformer.layers.attention.routed.config import NSA_BRANCHES as BRANCHES  # order of the gate outputs
 
 
@@ -163,6 +163,10 @@ class NSAAttention(nnx.Module):
     return out.astype(q.dtype), aux, block_index
 
 
+def _Blocks(block_q: int, block_kv: int):  # noqa: N802  the geometry `resolve_backend` reads
+  return type("Blocks", (), {"block_q": block_q, "block_kv": block_kv})
+
+
 def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, scheme: str,
                        block_q: int, select_block: int, backend: str) -> jax.Array:
   """The selected branch: q [B, T, H, D] over k, v [B, T, KVH, D], query t of kv head h restricted to the
@@ -170,11 +174,15 @@ def selected_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_index: ja
 
   union: query blocks of `block_q` tokens visit the union of their tokens' blocks (selection.py); the union
          width min(num_blocks, block_q * S) is static, so at short T it covers every block.
+  kv_major: per key block, the (token, kv group) rows that chose it, in tiles merged by log-sum-exp
+         (kv_major.py); only where `backend` resolves to xla, else union.
   token: the paper's kernel layout (§3.4): each token's G query heads of a group form one query block of G
          rows that visits exactly its S blocks; causality is the per-slot key mask. Width S at any T, but
          query blocks of G rows (compiled GPU tiles need >= 16; use it with the xla backend).
   """
-  if scheme == "union":
+  if scheme == "kv_major" and backends.resolve_backend(backend, q, _Blocks(block_q, select_block)) == "xla":
+    return kv_major.attend_kv_major(q, k, v, block_index, block_kv=select_block)
+  if scheme in ("union", "kv_major"):
     return selection.attend_selected(q, k, v, block_index, block_q=block_q, block_kv=select_block, backend=backend)
   batch, seq_len, heads, dim = q.shape
   kv_heads, slots = k.shape[2], block_index.shape[-1]

@@ -220,12 +220,14 @@ def _block_reference(seed):
   return _run_reference(_indexer_params(module), _inputs(seed), np.arange(T), lambda s: ref.block_topk_mask(s, 24, 8))
 
 
-@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
-def test_dsa_block_matches_reference_on_every_backend(backend, seed):
+@pytest.mark.parametrize("backend,scheme", [("reference", "union"), ("xla", "kv_major"), ("xla", "union"),
+                                            ("pallas", "union")])
+def test_dsa_block_matches_reference_on_every_backend(backend, scheme, seed):
   """dsa_block (blocks of 8, 3 per token, own block forced) on the traced-layout backends (pallas in
-  interpret mode on CPU) equals the dense-mask reference: output, KL and dq / dk / dv; the indexer's
-  gradients (from the KL, which no backend touches) on xla."""
-  module = _module("dsa_block", backend=backend, topk=24)
+  interpret mode on CPU) and xla's kv_major path (attention.dsa.block_scheme, the default) equals the
+  dense-mask reference: output, KL and dq / dk / dv; the indexer's gradients (from the KL, which no backend
+  touches) on xla."""
+  module = _module("dsa_block", backend=backend, topk=24, block_scheme=scheme)
   inputs = _inputs(seed)
   out, aux, grads = _run_module(module, inputs, jnp.arange(T), with_aux_loss=backend == "xla")
   want_out, want_kl, want_grads, mask = _block_reference(seed)
@@ -240,7 +242,7 @@ def test_dsa_block_matches_reference_on_every_backend(backend, seed):
 
 @pytest.mark.parametrize("field, value", [("topk", 0), ("key_chunk", 0), ("query_chunk", 0), ("index_heads", 0),
                                           ("stage", "dense"), ("rope_dim", 5), ("rope_dim", 16),
-                                          ("indexer_loss_weight", -1.0)])
+                                          ("indexer_loss_weight", -1.0), ("block_scheme", "token")])
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"attention.dsa.{field}"):
     _dsa_config(**{field: value})

@@ -320,8 +320,11 @@ PAPER_STYLE = SMALL  # MLP compression, MLP gate, separate K/V (the defaults)
 FLA_STYLE = dataclasses.replace(SMALL, compression="mean", gate="linear", separate_kv=False)
 
 
-def test_forward_and_grads_equal_dense_reference_f32(seed):
-  _check_against_reference(PAPER_STYLE, "xla", jnp.float32, seed, tol=1e-4)
+@pytest.mark.parametrize("scheme", ["kv_major", "union"])
+def test_forward_and_grads_equal_dense_reference_f32(seed, scheme):
+  """Both xla selected-branch schemes (kv_major: routed/kv_major.py, the default) equal the reference."""
+  _check_against_reference(dataclasses.replace(PAPER_STYLE, selected_scheme=scheme), "xla", jnp.float32, seed,
+                           tol=1e-4)
 
 
 def test_reference_backend_forward_equals_dense_reference(seed):
@@ -366,7 +369,7 @@ def test_window_branch_alone_equals_local_kind(seed):
     ("branches", (), "attention.nsa.branches"), ("branches", ("window", "window"), "attention.nsa.branches"),
     ("branches", ("dense",), "attention.nsa.branches"), ("gate_hidden", 0, "attention.nsa.gate_hidden"),
     ("compression", "max", "attention.nsa.compression"), ("local_blocks", 17, "attention.nsa.num_selected"),
-    ("selected_scheme", "kv_major", "attention.nsa.selected_scheme")])
+    ("selected_scheme", "rows", "attention.nsa.selected_scheme")])
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     NSAConfig(**{field: value})
