@@ -1,7 +1,8 @@
 """Run by test_sharded.py in a fresh process with 8 simulated CPU devices (XLA_FLAGS set before JAX starts).
 
 Mode `dense`: trains 3 steps on mesh data=2 x fsdp=2 x tensor=2 and on 1 device; mode `moe`: an MoE model on
-expert=2 x data=2 x fsdp=2 and on 1 device. Prints a JSON report.
+expert=2 x data=2 x fsdp=2 and on 1 device; mode `routed`: one layer of each content-routed kind (moba, nsa, dsa,
+dsa_block) on data=2 x fsdp=2 x tensor=2 and on 1 device. Prints a JSON report.
 """
 
 import dataclasses
@@ -14,6 +15,8 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
+from sparseformer.layers.attention.config import SparseAttentionConfig  # noqa: E402
+from sparseformer.layers.attention.routed.config import DSAConfig, MoBAConfig, NSAConfig  # noqa: E402
 from sparseformer.layers.moe import config as moe_config  # noqa: E402
 from sparseformer.models.config import ModelConfig  # noqa: E402
 from sparseformer.train import metrics as metrics_lib  # noqa: E402
@@ -37,15 +40,27 @@ def main(corpus: str, workdir: str, mode: str) -> None:
                                   moe=moe_config.mixtral(num_experts=4, expert_hidden=64, block_size=16))
   moe_single = dataclasses.replace(base, model=moe_model)
   moe_sharded = dataclasses.replace(moe_single, mesh=MeshConfig(data=2, fsdp=2, tensor=1, expert=2))
+  # Block sizes 8 on sequences of 32: 4 key blocks, so every kind really selects.
+  routed_attention = SparseAttentionConfig(
+      block_size=8, moba=MoBAConfig(block_size=8, topk=2, kv_major_tile=8),
+      nsa=NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8, gate_hidden=8),
+      dsa=DSAConfig(index_heads=2, index_head_dim=8, topk=8, block_size=8, key_chunk=16, query_chunk=16, rope_dim=4))
+  routed_model = dataclasses.replace(base.model, num_layers=4, attention=routed_attention,
+                                     attention_pattern=("moba", "nsa", "dsa", "dsa_block"))
+  routed_single = dataclasses.replace(base, model=routed_model,
+                                      train=dataclasses.replace(base.train, steps=2, grad_accum_steps=1))
+  routed_sharded = dataclasses.replace(routed_single, mesh=sharded.mesh)
   report = {}
   runs = {"dense": (("sharded", sharded, None), ("single", base, jax.devices()[:1])),
-          "moe": (("moe_sharded", moe_sharded, None), ("moe_single", moe_single, jax.devices()[:1]))}[mode]
+          "moe": (("moe_sharded", moe_sharded, None), ("moe_single", moe_single, jax.devices()[:1])),
+          "routed": (("routed_sharded", routed_sharded, None), ("routed_single", routed_single, jax.devices()[:1]))
+          }[mode]
   for name, config, devices in runs:
     run_dir = os.path.join(workdir, name)
     report[name] = trainer.train(config, run_dir, devices=devices)
     report[name + "_losses"] = trainer.read_train_losses(run_dir)
     report[name + "_last_record"] = [r for r in metrics_lib.read_metrics(run_dir) if "train/loss" in r][-1]
-  if mode == "moe":
+  if mode in ("moe", "routed"):
     print("REPORT " + json.dumps(report), flush=True)
     return
   run = trainer.open_run(sharded, os.path.join(workdir, "sharded"), require_checkpoint=True)

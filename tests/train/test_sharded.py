@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sharded_report(corpus: str, workdir, mode: str) -> dict:
+def _sharded_report(corpus: str, workdir, mode: str, env: dict | None = None) -> dict:
   result = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), corpus, str(workdir), mode],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
 
@@ -49,6 +50,27 @@ def test_moe_expert_parallel_training_matches_one_device(text_corpus, tmp_path):
   np.testing.assert_allclose(record["train/layer1/moe/expert_load"],
                              report["moe_single_last_record"]["train/layer1/moe/expert_load"], atol=1e-6)
   assert record["train/aux_loss"] > 0
+
+
+@pytest.mark.slow  # ~110 s on 2 cores (two compiles of a 4-kind model); the CLI test covers them in the default run
+def test_routed_attention_training_matches_one_device(text_corpus, tmp_path):
+  """moba, nsa, dsa and dsa_block layers on data=2 x fsdp=2 x tensor=2 train as on one device, metrics included."""
+  # Both runs share one process and these flags; -O0 only shortens the XLA compiles.
+  env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()}
+  report = _sharded_report(text_corpus, tmp_path, "routed", env)
+  sharded = [report["routed_sharded_losses"][str(step)] for step in (1, 2)]
+  single = [report["routed_single_losses"][str(step)] for step in (1, 2)]
+  assert np.isfinite(sharded).all() and np.isfinite(single).all(), (sharded, single)
+  np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  record, single_record = report["routed_sharded_last_record"], report["routed_single_last_record"]
+  for layer in range(4):
+    names = sorted(name for name in record if name.startswith(f"train/layer{layer}/attention/"))
+    assert names and names == sorted(name for name in single_record if name.startswith(f"train/layer{layer}/"
+                                                                                        "attention/")), names
+    np.testing.assert_allclose([record[name] for name in names], [single_record[name] for name in names],
+                               rtol=1e-4, atol=1e-6)
+  assert 0 < record["train/layer0/attention/density"] < 1  # moba: 2 of 4 key blocks
+  assert record["train/aux_loss"] > 0  # the DSA indexers' KL
 
 
 def _free_port() -> int:
