@@ -34,7 +34,7 @@ def measure(seq_len: int, num_kv_pairs: int, d_model: int, samples: int) -> dict
       f"data.seq_len={seq_len}", f"data.mqar.num_kv_pairs={num_kv_pairs}", f"model.max_seq_len={seq_len}",
       f"model.d_model={d_model}"])
   mesh = make_mesh(config.mesh, jax.devices()[:1])
-  setup = state_lib.setup_model(config.model, lambda p: optimizer_lib.build_optimizer(config.train, p), mesh,
+  setup = state_lib.setup_model(config.model, lambda p: optimizer_lib.build_optimizer(config.train, p, config.model), mesh,
                                 config.train.seed)
   state = state_lib.init_train_state(config.model, setup, config.train.seed)
   train_step = jax.jit(step_lib.make_train_step(

@@ -67,7 +67,7 @@ def interleaved_median_seconds(runners: dict[str, Callable[[], float]], steps: i
 def sparseformer_stepper(config: ModelConfig, batch: dict) -> Callable[[], float]:
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   train_config = TrainConfig(steps=1000, warmup_steps=10)
-  setup = state_lib.setup_model(config, lambda p: optimizer_lib.build_optimizer(train_config, p), mesh, 0)
+  setup = state_lib.setup_model(config, lambda p: optimizer_lib.build_optimizer(train_config, p, config), mesh, 0)
   state = state_lib.init_train_state(config, setup, 0)
   step = jax.jit(step_lib.make_train_step(setup, accum_steps=1,
                                           learning_rate=optimizer_lib.learning_rate_schedule(train_config)),

@@ -151,7 +151,7 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   workdir = checkpoint_lib.check_workdir(workdir)
   mesh = make_mesh(config.mesh, devices)
   _check_mesh_fits(config, mesh)
-  optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params)  # noqa: E731
+  optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params, config.model)  # noqa: E731
   # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
   with jax.set_mesh(mesh):
     setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
