@@ -3,7 +3,7 @@
 
     python benchmarks/routed_attention.py --out /tmp/routed.json                     # T 4K, 8K, 16K
     python benchmarks/routed_attention.py --seq-lens 4096 --kinds moba --out /tmp/r.json   # one point
-    python benchmarks/routed_attention.py --report /tmp/routed.json                  # table -> docs/benchmarks/routed_attention.md
+    python benchmarks/routed_attention.py --report /tmp/routed.json                  # print the markdown table
 
 One attention layer's routed part as the model runs it (`routed.make_routed(kind)(x, q, k, v, positions)`:
 scoring, compression, top-k, traced layout build, attention, gating; DSA's indexer and its KL loss, NSA's gates
