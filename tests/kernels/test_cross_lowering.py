@@ -199,6 +199,7 @@ def test_tuner_winner_round_trips_into_the_benchmark(tmp_path):
     bench.load_block_sizes(str(tmp_path / "bad.json"))
 
 
+@pytest.mark.slow  # benchmark-script plumbing (34 s); suite budget
 def test_tuner_plumbing_runs_in_interpret_mode(tmp_path, monkeypatch):
   """tune -> totals -> winner -> correctness end to end on tiny interpret-mode shapes, so a Python
   slip cannot waste a scarce GPU run (the times here are fake; cuDNN is absent on CPU)."""
@@ -222,6 +223,7 @@ def test_tuner_plumbing_runs_in_interpret_mode(tmp_path, monkeypatch):
   assert winner.fused_dq and winner.block_q_dkv == 16
 
 
+@pytest.mark.slow  # benchmark-script plumbing (31 s); suite budget
 def test_kernel_gpu_checks_plumbing_and_failure_exit(monkeypatch, capsys):
   """kernel_gpu_checks.py in interpret mode on two of its cases: passes, and exits 1 when a case is
   outside tolerance (so a GPU run cannot report a failure as success)."""

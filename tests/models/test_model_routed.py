@@ -26,10 +26,7 @@ def _model_config(kind: str):
   return dataclasses.replace(presets.tiny(), max_seq_len=SEQ, attention=SPARSE, attention_pattern=("local", kind))
 
 
-# moba in the default suite; the other kinds train (and log) in tests/train/test_cli_routed.py's one 4-kind model,
-# so their own 15-20 s runs here are slow-marked to keep the suite inside its budget.
-@pytest.mark.parametrize("kind", [kind if kind == "moba" else pytest.param(kind, marks=pytest.mark.slow)
-                                  for kind in ROUTED_KINDS])
+@pytest.mark.parametrize("kind", ROUTED_KINDS)
 def test_local_plus_routed_model_trains_and_logs_attention_metrics(kind):
   config = _model_config(kind)
   model = DecoderLM(config, rngs=nnx.Rngs(0))

@@ -10,6 +10,10 @@ import os
 import numpy as np
 import pytest
 
+# ~80 s of compiles (two stages of a 4-kind model): slow-marked for the suite budget; each kind's training stays in
+# the default suite through tests/models/test_model_routed.py. Run with `pytest -m slow tests/train/test_cli_routed.py`.
+pytestmark = pytest.mark.slow
+
 from sparseformer.train import cli, trainer
 from sparseformer.train import metrics as metrics_lib
 

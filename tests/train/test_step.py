@@ -219,6 +219,7 @@ def test_masked_accumulation_equals_one_step_on_the_whole_batch(seed):
   _assert_trees_close(accum_state.opt_state, whole_state.opt_state, "gradients", rtol=5e-5)
 
 
+@pytest.mark.slow  # 20 s; the LM path's loss is also held by every text-training test
 def test_an_all_ones_mask_gives_the_unmasked_language_model_loss():
   _, state = _dense_setup()
   batch = _masked_batch(1)

@@ -342,6 +342,7 @@ def test_reference_backend_forward_equals_dense_reference(seed):
   assert _max_rel_err(out, ref_out) < 1e-5
 
 
+@pytest.mark.slow  # 14 s; bf16 of the routed path stays covered by test_selection / test_kv_major
 def test_forward_and_grads_equal_dense_reference_bf16(seed):
   # 3e-2 of the largest reference value, the bf16 tolerance of tests/kernels (bf16 gates, MLPs, three branches).
   _check_against_reference(PAPER_STYLE, "xla", jnp.bfloat16, seed, tol=3e-2)
