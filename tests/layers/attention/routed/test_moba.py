@@ -8,6 +8,9 @@ topk - 1 are the best-scoring past blocks (ties to the lower index); one causal 
 
 import dataclasses
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,9 @@ import pytest
 
 from sparseformer.layers.attention import SparseAttentionConfig, backends, blocked_causal_attention, layouts
 from sparseformer.layers.attention.routed import config as routed_config, moba
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from grad_check import assert_close, values_and_grads  # noqa: E402
 
 SHAPE = dict(batch=2, seq=45, heads=4, kv_heads=2, dim=16)  # odd T (not a multiple of the block), GQA
 BLOCK, TOPK, BLOCK_Q = 8, 3, 4
@@ -58,20 +64,6 @@ def _dense(q, k, v, mask):
   return jnp.einsum("bhts,bshd->bthd", probs, v, precision="highest")
 
 
-def _values_and_grads(fn, q, k, v):
-  cotangent = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
-  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
-  return [fn(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)]
-
-
-def _assert_close(got, want, atol, rtol):
-  for g, w in zip(got, want):
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert not np.isnan(g).any()
-    err, scale = np.abs(g - w).max(), np.abs(w).max()
-    assert err <= atol + rtol * scale, (err, scale)
-
-
 def _moba(backend, scheme, block=BLOCK, topk=TOPK, tile=8):
   return lambda q, k, v: moba.moba_attention(q, k, v, block_size=block, topk=topk, block_q=BLOCK_Q, backend=backend,
                                              scheme=scheme, kv_major_tile=tile)[0]
@@ -93,19 +85,19 @@ def test_selection_equals_the_reference_with_own_block_forced_and_padding(seed):
 
 @pytest.mark.parametrize("backend,scheme", [("reference", "union"), ("xla", "union"), ("xla", "kv_major"),
                                             ("pallas", "union")])
-def test_moba_equals_the_dense_reference_values_and_grads(seed, backend, scheme):
+def test_moba_equals_the_dense_referencevalues_and_grads(seed, backend, scheme):
   q, k, v = _inputs(seed, **SHAPE)
   mask = _reference_mask(_reference_selection(q, k, BLOCK, TOPK), SHAPE["seq"], BLOCK)
-  got = jax.jit(lambda q, k, v: _values_and_grads(_moba(backend, scheme), q, k, v))(q, k, v)
-  _assert_close(got, _values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v), 2e-5, 2e-5)
+  got = jax.jit(lambda q, k, v: values_and_grads(_moba(backend, scheme), q, k, v))(q, k, v)
+  assert_close(got, values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v), 2e-5, 2e-5)
 
 
 def test_moba_kv_major_in_bfloat16():
   q, k, v = _inputs(4, **SHAPE, dtype=jnp.bfloat16)
   mask = _reference_mask(_reference_selection(q, k, BLOCK, TOPK), SHAPE["seq"], BLOCK)
-  got = jax.jit(lambda q, k, v: _values_and_grads(_moba("xla", "kv_major"), q, k, v))(q, k, v)
-  want = _values_and_grads(lambda q, k, v: _dense(q, k, v, mask), *(x.astype(jnp.float32) for x in (q, k, v)))
-  _assert_close(got, want, 2e-2, 2e-2)
+  got = jax.jit(lambda q, k, v: values_and_grads(_moba("xla", "kv_major"), q, k, v))(q, k, v)
+  want = values_and_grads(lambda q, k, v: _dense(q, k, v, mask), *(x.astype(jnp.float32) for x in (q, k, v)))
+  assert_close(got, want, 2e-2, 2e-2)
 
 
 @pytest.mark.parametrize("scheme", ["union", "kv_major"])

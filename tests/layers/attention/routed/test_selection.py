@@ -1,5 +1,8 @@
 """Tests of layers/attention/routed/selection.py: per-token block selections -> traced layout -> backends."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,9 @@ import pytest
 
 from sparseformer.layers.attention import layouts
 from sparseformer.layers.attention.routed import selection
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from grad_check import assert_close, values_and_grads  # noqa: E402
 
 
 def _selection_mask(block_index, seq_kv, block_kv, token_mask=None):
@@ -48,21 +54,6 @@ def _random_selection(rng, batch, heads, seq, slots, num_blocks):
   return np.where(rng.random(picks.shape) < 0.2, -1, picks).astype(np.int32)
 
 
-def _values_and_grads(fn, q, k, v):
-  cotangent = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
-  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
-  return [fn(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)]
-
-
-def _assert_close(got, want, atol, rtol):
-  for g, w in zip(got, want):
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert not np.isnan(g).any()
-    scale = np.abs(w).max() + 1e-6
-    err = np.abs(g - w).max()
-    assert err <= atol + rtol * scale, (err, scale)
-
-
 @pytest.mark.parametrize("backend,rows", [("reference", "H"), ("xla", "H"), ("xla", "KVH"), ("xla", "1"),
                                           ("pallas", "KVH")])
 def test_attend_selected_equals_the_dense_selection_mask(seed, backend, rows):
@@ -73,9 +64,9 @@ def test_attend_selected_equals_the_dense_selection_mask(seed, backend, rows):
   mask = _selection_mask(block_index, seq, block_kv)
   fn = lambda q, k, v: selection.attend_selected(q, k, v, jnp.asarray(block_index), block_q=block_q,
                                                  block_kv=block_kv, backend=backend)
-  got = jax.jit(lambda q, k, v: _values_and_grads(fn, q, k, v))(q, k, v)
-  want = _values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v)
-  _assert_close(got, want, 2e-5, 1e-5)
+  got = jax.jit(lambda q, k, v: values_and_grads(fn, q, k, v))(q, k, v)
+  want = values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v)
+  assert_close(got, want, 2e-5, 1e-5)
 
 
 def test_attend_selected_with_a_per_slot_key_mask(seed):
@@ -86,8 +77,8 @@ def test_attend_selected_with_a_per_slot_key_mask(seed):
   mask = _selection_mask(block_index, seq, block_kv, token_mask)
   fn = lambda q, k, v: selection.attend_selected(q, k, v, jnp.asarray(block_index), block_q=block_q,
                                                  block_kv=block_kv, backend="xla", token_mask=jnp.asarray(token_mask))
-  got = jax.jit(lambda q, k, v: _values_and_grads(fn, q, k, v))(q, k, v)
-  _assert_close(got, _values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v), 2e-5, 1e-5)
+  got = jax.jit(lambda q, k, v: values_and_grads(fn, q, k, v))(q, k, v)
+  assert_close(got, values_and_grads(lambda q, k, v: _dense(q, k, v, mask), q, k, v), 2e-5, 1e-5)
 
 
 def test_attend_selected_in_bfloat16():
@@ -97,9 +88,9 @@ def test_attend_selected_in_bfloat16():
   mask = _selection_mask(block_index, seq, block_kv)
   fn = lambda q, k, v: selection.attend_selected(q, k, v, jnp.asarray(block_index), block_q=block_q,
                                                  block_kv=block_kv, backend="xla")
-  got = jax.jit(lambda q, k, v: _values_and_grads(fn, q, k, v))(q, k, v)
-  want = _values_and_grads(lambda q, k, v: _dense(q, k, v, mask), *(x.astype(jnp.float32) for x in (q, k, v)))
-  _assert_close(got, want, 2e-2, 2e-2)
+  got = jax.jit(lambda q, k, v: values_and_grads(fn, q, k, v))(q, k, v)
+  want = values_and_grads(lambda q, k, v: _dense(q, k, v, mask), *(x.astype(jnp.float32) for x in (q, k, v)))
+  assert_close(got, want, 2e-2, 2e-2)
 
 
 def test_selected_layout_lists_the_union_once_ascending_with_the_contract_padding(seed):
