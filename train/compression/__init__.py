@@ -1,0 +1,1 @@
+"""Compression commands over trained workdirs: quantize (qwix PTQ / QAT), prune, distill."""
