@@ -73,17 +73,19 @@ class DecoderLM(nnx.Module):
                                                       param_dtype)
       self.lm_head = nnx.Param(head, logical_axes=("embed", "vocab"))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, return_hidden: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """return_hidden=True adds a third output: the residual stream after each block, [B, T, D] per layer."""
     config = self.config
     if positions is None:
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = self.embedding(tokens)
     aux_loss = jnp.zeros((), jnp.float32)
-    metrics = {}
+    metrics, hidden = {}, []
     for layer, block in enumerate(self.blocks):
       call = nnx.remat(type(block).__call__) if config.remat else type(block).__call__
       x, block_aux = call(block, x, positions)
+      hidden.append(x)
       for name, value in block_aux.items():
         if name == "aux_loss":
           aux_loss = aux_loss + value
@@ -94,4 +96,6 @@ class DecoderLM(nnx.Module):
       logits = self.embedding.attend(x)
     else:
       logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    if return_hidden:
+      return logits, {"aux_loss": aux_loss, **metrics}, hidden
     return logits, {"aux_loss": aux_loss, **metrics}
