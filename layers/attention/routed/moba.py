@@ -28,7 +28,7 @@ from flax import nnx
 
 from sparseformer.layers import routing
 from sparseformer.layers.attention import backends
-from sparseformer.layers.attention.routed import moba_kv_major, selection
+from sparseformer.layers.attention.routed import decode_moba, moba_kv_major, selection
 
 
 def block_scores(q: jax.Array, k: jax.Array, block_size: int) -> jax.Array:
@@ -100,9 +100,10 @@ class MoBAAttention(nnx.Module):
 
   def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, config, rope_theta: float,
                init_std: float, dtype, param_dtype, rngs: nnx.Rngs, layer: int = 0):
-    del dim, num_heads, num_kv_heads, head_dim, rope_theta, init_std, param_dtype, rngs, layer
+    del dim, num_heads, rope_theta, init_std, param_dtype, rngs, layer
     self.config = config
     self.dtype = dtype
+    self.num_kv_heads, self.head_dim = num_kv_heads, head_dim  # the decode cache's shape
 
   def __call__(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -111,3 +112,16 @@ class MoBAAttention(nnx.Module):
     moba = self.config.moba
     return moba_attention(q, k, v, block_size=moba.block_size, topk=moba.topk, block_q=self.config.block_size,
                           backend=self.config.backend, scheme=moba.scheme, kv_major_tile=moba.kv_major_tile)
+
+  # Cached decode (issue 13; decode_moba.py): sparse, beyond the paper, which decodes densely.
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    return decode_moba.init_cache(self, batch, max_len)
+
+  def cache_logical_axes(self) -> dict[str, tuple[str, ...]]:
+    return decode_moba.cache_logical_axes()
+
+  def prefill(self, x, q, k, v, positions, lengths, cache):
+    return decode_moba.prefill(self, x, q, k, v, positions, lengths, cache)
+
+  def decode_step(self, x_t, q_t, k_t, v_t, positions, cache):
+    return decode_moba.decode_step(self, x_t, q_t, k_t, v_t, positions, cache)
