@@ -232,3 +232,20 @@ def test_kernel_gpu_checks_plumbing_and_failure_exit(monkeypatch, capsys):
   assert "2/2 cases within tolerance" in capsys.readouterr().out
   monkeypatch.setattr(kernel_gpu_checks, "TOL", {"float32": 0.0, "bfloat16": 0.0})
   assert kernel_gpu_checks.main(["--interpret", "--only", "masked_rows_mixture"]) == 1
+
+
+# Grouped matmul (kernels/grouped_matmul): gmm fwd+bwd = gmm, gmm (d lhs) and tgmm (d rhs).
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_grouped_matmul_lowers(platform):
+  from sparseformer.kernels.grouped_matmul import gmm  # pylint: disable=import-outside-toplevel
+
+  def fn(lhs, rhs, group_sizes, d_out):
+    kernel = lambda a, b: gmm(a, b, group_sizes, interpret=False,
+                              platform="gpu" if platform == "cuda" else "tpu")
+    out, vjp = jax.vjp(kernel, lhs, rhs)
+    return out, *vjp(d_out)
+
+  args = (jax.ShapeDtypeStruct((384, 256), jnp.bfloat16),
+          jax.ShapeDtypeStruct((8, 256, 512), jnp.bfloat16),
+          jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((384, 512), jnp.bfloat16))
+  assert _kernel_calls(lower(fn, args, platform), platform) == 3
