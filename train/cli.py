@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from sparseformer.train.compression import prune_command
 from sparseformer.train.sweeps import commands as sweep_commands
 
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
   show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
   sweep_commands.add_parser(commands)
+  prune_command.add_parser(commands)
   return parser
 
 
@@ -73,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
   # pylint: disable=import-outside-toplevel
   if args.command == "sweep":
     return sweep_commands.run(args)
+  if args.command == "prune":
+    return prune_command.run(args)
   import jax
 
   from sparseformer import experiments

@@ -3,6 +3,7 @@
 import dataclasses
 
 from sparseformer.models.config import ModelConfig
+from sparseformer.train.compression.prune_masks import PruningConfig
 from sparseformer.train.data_config import DataConfig
 from sparseformer.train.mesh import MeshConfig
 
@@ -32,6 +33,8 @@ class TrainConfig:
   sample_prompt: str = "def "  # prompt of the sample printed at the end of training
   sample_tokens: int = 200  # tokens generated for that sample
   progress_bar: bool = True  # tqdm progress bar on process 0
+  prune_masks: str = ""  # workdir (or .npz) of `sparseformer prune`: its masks re-applied after every step
+  pruning: PruningConfig = PruningConfig()  # gradual magnitude pruning during training (off by default)
 
   def __post_init__(self):
     for name in ("steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -24,6 +24,7 @@ from sparseformer.train import sharding as sharding_lib
 from sparseformer.train import state as state_lib
 from sparseformer.train import step as step_lib
 from sparseformer.train import tokenizer
+from sparseformer.train.compression import prune_masks
 from sparseformer.train.tasks import batches as task_batches
 from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
@@ -35,6 +36,8 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
                      "model.attention.dsa.stage")  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
+
+RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
 
 
 class NonFiniteError(RuntimeError):
@@ -151,7 +154,8 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   workdir = checkpoint_lib.check_workdir(workdir)
   mesh = make_mesh(config.mesh, devices)
   _check_mesh_fits(config, mesh)
-  optimizer = lambda params: optimizer_lib.build_optimizer(config.train, params, config.model)  # noqa: E731
+  optimizer = lambda params: prune_masks.with_gradual_pruning(  # noqa: E731  (train.pruning; identity when off)
+      optimizer_lib.build_optimizer(config.train, params, config.model), config.train.pruning)
   # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
   with jax.set_mesh(mesh):
     setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
@@ -203,10 +207,18 @@ def evaluate_workdir(config: RunConfig, workdir: str) -> dict:
     run.checkpointer.close()
 
 
-def _after_optimizer_step_hook(config: RunConfig):
-  if "moe" not in config.model.ffn_pattern:
+def _after_optimizer_step_hook(config: RunConfig, masks: dict | None = None):
+  """MoE bias balancing, then the pruning masks (train.prune_masks) re-applied; None when neither applies."""
+  hooks = ([moe.after_optimizer_step] if "moe" in config.model.ffn_pattern else []) + (
+      [prune_masks.mask_hook(masks)] if masks else [])
+  if not hooks:
     return None
-  return moe.after_optimizer_step
+
+  def after_optimizer_step(model: nnx.Module) -> None:
+    for hook in hooks:
+      hook(model)
+
+  return after_optimizer_step
 
 
 def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> dict:
@@ -223,12 +235,13 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   if run.data_state is not None:
     train_batches.set_state(run.data_state)
   val_sets = _global_val_sets(config, corpus, run)
+  masks = prune_masks.run_masks(config, workdir, run.state.params, log)  # train.prune_masks, checked
 
   # --- Compile the steps.
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   train_step = jax.jit(
       step_lib.make_train_step(run.setup, accum_steps=config.train.grad_accum_steps, learning_rate=schedule,
-                               after_optimizer_step=_after_optimizer_step_hook(config)),
+                               after_optimizer_step=_after_optimizer_step_hook(config, masks)),
       in_shardings=(run.setup.state_shardings, run.batch_sharding),
       out_shardings=(run.setup.state_shardings, sharding_lib.replicated(run.mesh)), donate_argnums=0)
   tokens_per_step = config.data.batch_size * config.data.seq_len
