@@ -4,7 +4,9 @@ import dataclasses
 
 from sparseformer.models.config import ModelConfig
 from sparseformer.train.compression.prune_masks import PruningConfig
+from sparseformer.train.compression.distill_config import DistillConfig
 from sparseformer.train.data_config import DataConfig
+from sparseformer.train.energy import EnergyConfig
 from sparseformer.train.mesh import MeshConfig
 
 
@@ -33,6 +35,8 @@ class TrainConfig:
   sample_prompt: str = "def "  # prompt of the sample printed at the end of training
   sample_tokens: int = 200  # tokens generated for that sample
   progress_bar: bool = True  # tqdm progress bar on process 0
+  distill: DistillConfig = DistillConfig()  # knowledge distillation from a frozen teacher run (off by default)
+  energy: EnergyConfig = EnergyConfig()  # energy and CO2e accounting of the run
   prune_masks: str = ""  # workdir (or .npz) of `sparseformer prune`: its masks re-applied after every step
   pruning: PruningConfig = PruningConfig()  # gradual magnitude pruning during training (off by default)
 

@@ -9,6 +9,8 @@ import optax
 from flax import nnx
 
 from sparseformer.layers.routing import RouterLoad
+from sparseformer.train.compression import distill as distill_lib
+from sparseformer.train.compression import teacher as teacher_lib
 from sparseformer.train.state import ModelSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; loss_mask: float32 [B, T] (all ones if absent)
@@ -49,16 +51,29 @@ def accuracies(sums: dict) -> dict:
           "example_accuracy": sums["examples_correct"] / jnp.maximum(sums["examples"], 1.0)}
 
 
-def _forward_loss(setup: ModelSetup, params, extra, batch: Batch, normalizer: jax.Array, accum_steps: int):
+def _forward_loss(setup: ModelSetup, params, extra, batch: Batch, normalizer: jax.Array, accum_steps: int,
+                  distill: "teacher_lib.Distillation | None" = None, teacher_variables=None):
   """Objective of one (micro-)batch: its masked NLL sum over the WHOLE batch's mask count `normalizer`, plus
-  its auxiliary loss / accum_steps; summed over the micro-batches this is the masked mean + the mean aux loss."""
+  its auxiliary loss / accum_steps; summed over the micro-batches this is the masked mean + the mean aux loss.
+  With `distill`, the NLL term becomes `distill_lib.objective` (hard, soft and hidden sums, same normalizer)."""
   # copy=True: fresh Variables owned by this trace, so layers may write state (e.g. the MoE router load).
   model = nnx.merge(setup.graphdef, params, extra, copy=True)
-  logits, aux = model(batch["inputs"])
-  sums = masked_sums(logits, batch["targets"], loss_mask(batch))
+  want_hidden = distill is not None and distill.config.hidden_weight > 0
+  logits, aux, *hidden = model(batch["inputs"], return_hidden=True) if want_hidden else model(batch["inputs"])
+  mask = loss_mask(batch)
+  sums = masked_sums(logits, batch["targets"], mask)
   _, _, new_extra = nnx.split(model, nnx.Param, ...)
   metrics = {name: value for name, value in aux.items() if name != "aux_loss"}
-  objective = sums["nll_sum"] / normalizer + aux["aux_loss"] / accum_steps
+  if distill is None:
+    objective = sums["nll_sum"] / normalizer + aux["aux_loss"] / accum_steps
+  else:
+    teacher_logits, teacher_hidden = teacher_lib.teacher_forward(distill.graphdef, teacher_variables,
+                                                                 batch["inputs"], hidden=want_hidden)
+    sums |= distill_lib.distill_sums(logits, teacher_logits, mask, distill.config,
+                                     student_hidden=hidden[0] if hidden else None, teacher_hidden=teacher_hidden,
+                                     layer_pairs=distill.layer_pairs)
+    objective = (distill_lib.objective(sums["nll_sum"], sums, normalizer, distill.config)
+                 + aux["aux_loss"] / accum_steps)
   return objective, (sums, aux["aux_loss"], metrics, new_extra)
 
 
@@ -67,7 +82,8 @@ def _forward_loss(setup: ModelSetup, params, extra, batch: Batch, normalizer: ja
 BATCH_STATISTICS = (RouterLoad,)
 
 
-def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum_steps: int):
+def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum_steps: int, distill=None,
+                       teacher_variables=None):
   """Loss, gradients and metrics over `accum_steps` micro-batches (a lax.scan; one when accum_steps == 1).
 
   Returns (loss, lm_loss, aux_loss, sums, metrics, extra, grads); see `make_train_step` for what each means
@@ -77,7 +93,8 @@ def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum
   grad_fn = jax.value_and_grad(_forward_loss, argnums=1, has_aux=True)
   normalizer = jnp.maximum(jnp.sum(loss_mask(batch)), 1.0)  # labelled positions of the whole global batch
   if accum_steps == 1:
-    (loss, (sums, aux_loss, metrics, extra)), grads = grad_fn(setup, state.params, state.extra, batch, normalizer, 1)
+    (loss, (sums, aux_loss, metrics, extra)), grads = grad_fn(setup, state.params, state.extra, batch, normalizer, 1,
+                                                              distill, teacher_variables)
     return loss, sums["nll_sum"] / normalizer, aux_loss, sums, metrics, extra, grads
 
   # Micro-batch a takes rows a, a + A, a + 2A, ...: each one spans every data shard.
@@ -89,7 +106,7 @@ def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum
   def body(carry, micro_batch):
     grads_sum, extra = carry
     (_, (sums, aux_loss, metrics, extra)), grads = grad_fn(setup, state.params, extra, micro_batch, normalizer,
-                                                           accum_steps)
+                                                           accum_steps, distill, teacher_variables)
     grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
     statistics, _ = nnx.split_state(extra, BATCH_STATISTICS, ...)
     return (grads_sum, extra), (sums, aux_loss, metrics, statistics)
@@ -100,12 +117,19 @@ def _accumulated_grads(setup: ModelSetup, state: TrainState, batch: Batch, accum
   metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
   extra = nnx.merge_state(extra, jax.tree.map(lambda s: jnp.mean(s, axis=0), statistics))
   lm_loss, aux_loss = sums["nll_sum"] / normalizer, jnp.mean(aux_loss)
-  return lm_loss + aux_loss, lm_loss, aux_loss, sums, metrics, extra, grads
+  objective = lm_loss if distill is None else distill_lib.objective(sums["nll_sum"], sums, normalizer,
+                                                                   distill.config)
+  return objective + aux_loss, lm_loss, aux_loss, sums, metrics, extra, grads
 
 
 def make_train_step(setup: ModelSetup, *, accum_steps: int, learning_rate: Callable[[jax.Array], jax.Array],
-                    after_optimizer_step: Callable[[nnx.Module], None] | None = None):
+                    after_optimizer_step: Callable[[nnx.Module], None] | None = None,
+                    distill: "teacher_lib.Distillation | None" = None):
   """(state, batch) -> (state, metrics); a non-finite loss or grad norm leaves the state unchanged.
+
+  With `distill`, the step is (state, batch, teacher_variables): the frozen teacher runs inside it (its
+  variables an argument with their own shardings, outside the optimizer), the objective is
+  `distill_lib.objective` and metrics["loss"] stays the hard LM loss; distill/* metrics are added.
 
   `metrics["finite"]` is False for such a step, so the host can stop the run with the state still good.
 
@@ -129,9 +153,13 @@ def make_train_step(setup: ModelSetup, *, accum_steps: int, learning_rate: Calla
   The selection bias itself is the same in every micro-batch (it changes only after the optimizer step).
   """
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, teacher_variables=None):
     loss, lm_loss, aux_loss, sums, layer_metrics, extra, grads = _accumulated_grads(setup, state, batch,
-                                                                                   accum_steps)
+                                                                                   accum_steps, distill,
+                                                                                   teacher_variables)
+    if distill is not None:
+      layer_metrics = {**layer_metrics, **distill_lib.metrics(sums["nll_sum"], sums,
+                                                              jnp.maximum(jnp.sum(loss_mask(batch)), 1.0))}
     grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -16,6 +16,7 @@ from flax import nnx
 from sparseformer.layers import moe
 from sparseformer.models import flops as flops_lib
 from sparseformer.train import checkpoint as checkpoint_lib
+from sparseformer.train import energy as energy_lib
 from sparseformer.train import data as data_lib
 from sparseformer.train import metrics as metrics_lib
 from sparseformer.train import optimizer as optimizer_lib
@@ -25,6 +26,7 @@ from sparseformer.train import state as state_lib
 from sparseformer.train import step as step_lib
 from sparseformer.train import tokenizer
 from sparseformer.train.compression import prune_masks
+from sparseformer.train.compression import teacher as teacher_lib
 from sparseformer.train.tasks import batches as task_batches
 from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
@@ -35,7 +37,8 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "train.keep_checkpoints", "train.progress_bar", "train.peak_flops", "train.sample_prompt",
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
-                     "model.attention.dsa.stage")  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
+                     "model.attention.dsa.stage",  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
+                     "train.energy.")  # accounting only
 
 RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
 
@@ -225,6 +228,8 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   """Trains (or resumes) the run in `workdir`; returns the final summary. See DESIGN.md, "A training run"."""
   # --- Setup: validate everything that can fail before any work is done.
   workdir = checkpoint_lib.check_workdir(workdir)
+  if config.train.distill.enabled:
+    teacher_lib.check_teacher(config)  # a missing teacher, another vocabulary, no checkpoint: errors now
   corpus = data_lib.load_source(config.data)  # None for a task
   _write_config(workdir, config)
 
@@ -236,18 +241,23 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
     train_batches.set_state(run.data_state)
   val_sets = _global_val_sets(config, corpus, run)
   masks = prune_masks.run_masks(config, workdir, run.state.params, log)  # train.prune_masks, checked
+  teacher = teacher_lib.load_teacher(config, run.mesh) if config.train.distill.enabled else None
 
   # --- Compile the steps.
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   train_step = jax.jit(
       step_lib.make_train_step(run.setup, accum_steps=config.train.grad_accum_steps, learning_rate=schedule,
-                               after_optimizer_step=_after_optimizer_step_hook(config, masks)),
-      in_shardings=(run.setup.state_shardings, run.batch_sharding),
+                               after_optimizer_step=_after_optimizer_step_hook(config, masks),
+                               distill=teacher.distillation(config.train.distill) if teacher else None),
+      in_shardings=(run.setup.state_shardings, run.batch_sharding) + ((teacher.shardings,) if teacher else ()),
       out_shardings=(run.setup.state_shardings, sharding_lib.replicated(run.mesh)), donate_argnums=0)
+  teacher_args = (teacher.variables,) if teacher else ()
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
   peak_flops = config.train.peak_flops or metrics_lib.measure_matmul_peak(config.model.dtype)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  if teacher is not None:
+    _log_teacher_eval(teacher, run, val_sets, writer)
   log(f"Training {config.name}: {_parameter_count(run.state):,} parameters, {jax.device_count()} device(s), "
       f"mesh {dict(run.mesh.shape)}; data: {_describe_data(config, corpus)}")
   log(f"Model FLOPs per token {flops_per_token:.3g}; peak {peak_flops / 1e9:.1f} GFLOP/s "
@@ -258,7 +268,10 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
 
   # --- Loop.
   step = int(run.state.step)
-  last_saved = step
+  last_saved, first_session_step = step, step
+  meter = energy_lib.EnergyMeter(config.train.energy, backend=jax.default_backend(),
+                                 accelerators=jax.local_device_count())
+  session_tokens = lambda: (step - first_session_step) * tokens_per_step  # noqa: E731
   progress = _progress_bar(config, step)
   interval_start, interval_steps, first_step = time.perf_counter(), 0, True
   summary, last_loss = {}, float("nan")
@@ -266,7 +279,7 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
     with _StopRequest() as stop, jax.set_mesh(run.mesh):
       while step < config.train.steps:
         batch = data_lib.to_global_batch(next(train_batches), run.batch_sharding, config.data.batch_size)
-        run.state, step_metrics = train_step(run.state, batch)
+        run.state, step_metrics = train_step(run.state, batch, *teacher_args)
         if not bool(step_metrics["finite"]):
           raise NonFiniteError(
               f"Non-finite loss or gradient norm at step {step + 1} (loss={float(step_metrics['total_loss'])}, "
@@ -288,6 +301,7 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
           if interval_steps:
             tokens_per_second = interval_steps * tokens_per_step / (time.perf_counter() - interval_start)
             logged.update(tokens_per_second=tokens_per_second, mfu=tokens_per_second * flops_per_token / peak_flops)
+          logged.update(meter.read(session_tokens()))
           writer.write(step, logged, prefix="train/")
           if progress is not None:
             progress.set_postfix(loss=f"{float(logged['loss']):.3f}",
@@ -308,7 +322,10 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
           progress = _close(progress)
           log(f"Stopped at step {step}; checkpoint saved in {run.checkpointer.directory}. "
               "Run the same command again to resume.")
-          return {"step": step, "train_loss": last_loss, "interrupted": True}
+          energy = meter.summary(session_tokens())
+          if energy:
+            writer.write(step, energy)
+          return {"step": step, "train_loss": last_loss, "interrupted": True, **energy}
 
     # --- Finish: final checkpoint, evaluation, sample.
     progress = _close(progress)
@@ -323,13 +340,30 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
     elif config.train.sample_tokens:
       text = sample_text(run, config.train.sample_prompt, config.train.sample_tokens)
       log(f"Sample (prompt {config.train.sample_prompt!r}, temperature 0.8):\n{text}\n")
+    energy = meter.summary(session_tokens())
+    if energy:
+      writer.write(step, energy)
+    log(f"Energy of this session: {energy_lib.describe(energy)}.")
   finally:
+    meter.close()
     _close(progress)
     run.checkpointer.close()
     writer.close()
   log(f"Logs: {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}; "
       f"checkpoints: {run.checkpointer.directory}")
-  return {"step": step, "train_loss": last_loss, **summary}
+  return {"step": step, "train_loss": last_loss, **summary, **energy}
+
+
+def _log_teacher_eval(teacher: teacher_lib.Teacher, run: Run, val_sets: dict, writer) -> None:
+  """The frozen teacher's validation metrics on the student's validation batches, once at the start."""
+  state = state_lib.TrainState(step=jax.numpy.asarray(teacher.step), params=teacher.variables[0], opt_state=(),
+                               extra=teacher.variables[1])
+  setup = dataclasses.replace(run.setup, graphdef=teacher.graphdef)
+  teacher_run = Run(run.config, teacher.workdir, run.mesh, setup, state, run.checkpointer, None, run.batch_sharding)
+  summary = evaluate(teacher_run, val_sets)
+  if summary:
+    writer.write(int(run.state.step), summary, prefix="distill/teacher_eval/")
+    log(f"Teacher {teacher.workdir} (step {teacher.step}): " + _describe_eval(summary))
 
 
 def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 0.8, top_k: int = 0,

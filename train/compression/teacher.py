@@ -11,6 +11,17 @@ from sparseformer.train import checkpoint as checkpoint_lib
 from sparseformer.train import optimizer as optimizer_lib
 from sparseformer.train import overrides
 from sparseformer.train import state as state_lib
+from sparseformer.train.compression.distill_config import DistillConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """The static half of distillation that the jitted train step closes over (the teacher's arrays are an
+  argument of the step, never a constant baked into it)."""
+
+  config: DistillConfig
+  graphdef: nnx.GraphDef  # the teacher's
+  layer_pairs: tuple[tuple[int, int], ...]  # (student layer, teacher layer) of the hidden loss; () when off
 
 
 @dataclasses.dataclass
@@ -24,6 +35,9 @@ class Teacher:
   variables: tuple  # (params, extra): an argument of the jitted step, never in the optimizer state
   shardings: tuple  # NamedShardings of `variables`
   layer_pairs: tuple[tuple[int, int], ...]  # (student layer, teacher layer) of the hidden loss; () when off
+
+  def distillation(self, config: DistillConfig) -> Distillation:
+    return Distillation(config, self.graphdef, self.layer_pairs)
 
 
 def check_teacher(config) -> tuple:
