@@ -35,7 +35,7 @@ from flax import nnx
 from sparseformer.layers import rope
 from sparseformer.layers.attention import backends, builders
 from sparseformer.layers.attention.routed import nsa_compress as nc
-from sparseformer.layers.attention.routed import kv_major, selection
+from sparseformer.layers.attention.routed import decode_nsa, kv_major, selection
 from sparseformer.layers.attention.routed.config import NSA_BRANCHES as BRANCHES  # order of the gate outputs
 
 
@@ -161,6 +161,19 @@ class NSAAttention(nnx.Module):
         aux[f"gate_{branch}"] = jnp.mean(gates[:, :, c])
     aux["aux_loss"] = jnp.zeros((), jnp.float32)
     return out.astype(q.dtype), aux, block_index
+
+  # Cached decode (issue 13; decode_nsa.py): compressed-key cache, selected blocks, window ring.
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    return decode_nsa.init_cache(self, batch, max_len)
+
+  def cache_logical_axes(self) -> dict[str, tuple[str, ...]]:
+    return decode_nsa.cache_logical_axes(self)
+
+  def prefill(self, x, q, k, v, positions, lengths, cache):
+    return decode_nsa.prefill(self, x, q, k, v, positions, lengths, cache)
+
+  def decode_step(self, x_t, q_t, k_t, v_t, positions, cache):
+    return decode_nsa.decode_step(self, x_t, q_t, k_t, v_t, positions, cache)
 
 
 def _Blocks(block_q: int, block_kv: int):  # noqa: N802  the geometry `resolve_backend` reads
