@@ -53,6 +53,17 @@ def _check(name: str, a, b, group_sizes, platform: str, interpret: bool) -> None
     raise ValueError(f"{name}: the TPU kernels take float32 or bfloat16, not float16; cast.")
 
 
+def _same_varying_axes(*arrays):
+  """Inside shard_map, makes every operand vary over the union of their mesh axes (a pallas_call
+  takes operands of one variance) by adding a zero derived from each; JAX then differentiates the
+  implicit broadcast itself (summing e.g. weight gradients over token shards). No-op elsewhere."""
+  axes = [metadata.varying_axes(a) for a in arrays]
+  if all(a == axes[0] for a in axes):
+    return arrays
+  zero = jnp.zeros_like(sum(a.reshape(-1)[0].astype(jnp.float32) for a in arrays))
+  return tuple(a + zero.astype(a.dtype) for a in arrays)
+
+
 def _pad_to(x: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
   pads = [(0, -(-d // m) * m - d) for d, m in zip(x.shape, multiples)]
   return jnp.pad(x, pads) if any(p for _, p in pads) else x
@@ -86,7 +97,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   metadata.resolve_tiling(tiling, lhs.shape[0], lhs.shape[1], rhs.shape[2], platform=platform,
                           interpret=interpret, dtype=lhs.dtype)
   config = _Config(platform, interpret, tiling, jnp.dtype(preferred_element_type or lhs.dtype))
-  return _gmm(config, lhs, rhs, group_sizes)
+  return _gmm(config, *_same_varying_axes(lhs, rhs, group_sizes))
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
@@ -107,7 +118,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups:
   metadata.resolve_tiling(tiling, lhs.shape[0], lhs.shape[1], grad.shape[1], platform=platform,
                           interpret=interpret, dtype=lhs.dtype)
   config = _Config(platform, interpret, tiling, jnp.dtype(preferred_element_type or lhs.dtype))
-  return _tgmm(config, lhs, grad, group_sizes)
+  return _tgmm(config, *_same_varying_axes(lhs, grad, group_sizes))
 
 
 def _offsets(group_sizes: jax.Array, num_rows: int) -> jax.Array:

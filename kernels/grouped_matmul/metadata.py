@@ -67,6 +67,24 @@ def resolve_tiling(tiling: Tiling | None, m: int, k: int, n: int, *, platform: s
   return tiles["tile_m"], tiles["tile_k"], tiles["tile_n"]
 
 
+def varying_axes(x) -> frozenset:
+  """Mesh axes x varies over inside `shard_map` (empty outside)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # jax 0.10: ManualAxisType; earlier releases: aval.vma
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A pallas_call output that varies over the same mesh axes as `like` (required by shard_map's
+  check_vma; a no-op outside shard_map)."""
+  aval = jax.typeof(like)
+  if getattr(aval, "mat", None) is not None:
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)
+  if getattr(aval, "vma", None):
+    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def group_offsets(group_sizes: jax.Array) -> jax.Array:
   """[0, cumsum(group_sizes)] as int32 [G + 1]."""
   sizes = group_sizes.astype(jnp.int32)

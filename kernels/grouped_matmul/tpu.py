@@ -80,7 +80,7 @@ def gmm(lhs, rhs, offsets, *, tiles: tuple[int, int, int], out_dtype, interpret:
                     pl.BlockSpec((None, tile_k, tile_n), rhs_map)],
           out_specs=pl.BlockSpec((tile_m, tile_n), out_map),
           scratch_shapes=[pltpu.VMEM((tile_m, tile_n), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((num_rows, width), out_dtype),
+      out_shape=metadata.out_struct((num_rows, width), out_dtype, lhs),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
@@ -141,7 +141,7 @@ def tgmm(lhs, grad, offsets, *, tiles: tuple[int, int, int], out_dtype, interpre
                     pl.BlockSpec((tile_m, tile_n), grad_map)],
           out_specs=pl.BlockSpec((None, tile_k, tile_n), out_map),
           scratch_shapes=[pltpu.VMEM((tile_k, tile_n), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
+      out_shape=metadata.out_struct((num_groups, depth, width), out_dtype, lhs),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,

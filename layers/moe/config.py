@@ -21,10 +21,10 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 GATE_NORMS = ("none", "topk", "softmax_topk")
 ROUTINGS = ("token_choice", "expert_choice")
 CAPACITY_DISPATCHES = ("capacity_scatter", "capacity_einsum")
-DROPLESS_DISPATCHES = ("dropless_gather", "dropless_ragged_dot")
+# dropless_pallas: the Pallas grouped matmul (kernels/grouped_matmul; interpret mode on CPU). Not
+# the default dropless path anywhere: it is unmeasured on GPU/TPU (benchmarks/grouped_matmul.py).
+DROPLESS_DISPATCHES = ("dropless_gather", "dropless_ragged_dot", "dropless_pallas")
 DISPATCHES = CAPACITY_DISPATCHES + DROPLESS_DISPATCHES
-# Named in the design, not built yet; rejected with a pointer to the working ones.
-PLANNED_DISPATCHES = ("dropless_pallas",)
 GATHER_SCHEDULES = ("auto", "loop", "batched")
 
 
@@ -57,11 +57,15 @@ class MoEConfig:
   jitter: float = 0.0  # multiplicative uniform noise 1 +- jitter on the router input in training (Switch)
 
   # --- capacity and dispatch
-  dispatch: str = "dropless_gather"  # capacity_scatter | capacity_einsum | dropless_gather | dropless_ragged_dot
+  dispatch: str = "dropless_gather"  # capacity_scatter | capacity_einsum | dropless_gather | dropless_ragged_dot | dropless_pallas
   capacity_factor: float = 1.25  # capacity_* dispatch and expert_choice: slots per expert = ceil(cf * group * k / E)
   capacity_group_size: int = 0  # tokens per capacity group; 0 = one group per sequence
   block_size: int = 64  # rows per grouped-matmul block in dropless_gather (padding waste < E * block_size rows)
   gather_schedule: str = "auto"  # dropless_gather: loop (CPU) | batched (GPU/TPU) | auto (by backend)
+  # Expert-parallel dropless receive buffer per (source, destination shard): ep_buffer_factor x the balanced
+  # share N*k/n rows, capped at the worst case N*k; rows past it are dropped and counted in dropped_fraction.
+  # >= the `expert` axis size never drops (the worst case; n x the row memory). Unused without an expert axis.
+  ep_buffer_factor: float = 2.0
 
   # --- balancing
   aux_loss_alpha: float = 0.01  # Switch load-balance loss alpha * E * sum_i f_i P_i (= alpha when uniform)
@@ -94,13 +98,13 @@ class MoEConfig:
       fail("routing", self.routing, f"choose one of {ROUTINGS}")
     if self.gather_schedule not in GATHER_SCHEDULES:
       fail("gather_schedule", self.gather_schedule, f"choose one of {GATHER_SCHEDULES}")
-    if self.dispatch in PLANNED_DISPATCHES:
-      fail("dispatch", self.dispatch,
-           f"the Pallas grouped-matmul kernel is not available yet; use one of {DISPATCHES}")
     if self.dispatch not in DISPATCHES:
       fail("dispatch", self.dispatch, f"choose one of {DISPATCHES}")
     if not self.route_scale > 0:
       fail("route_scale", self.route_scale, "it must be > 0")
+    if not self.ep_buffer_factor > 0:
+      fail("ep_buffer_factor", self.ep_buffer_factor,
+           "it must be > 0 (x the balanced share of rows per expert shard; >= the expert axis size never drops)")
     if not self.capacity_factor > 0:
       fail("capacity_factor", self.capacity_factor,
            "it must be > 0 (1.0 = exactly the balanced share; use a dropless_* dispatch for no dropping)")
@@ -156,10 +160,12 @@ class MoEConfig:
 
   @property
   def grouped_options(self) -> dict[str, Any]:
-    """Keyword options of the grouped SwiGLU behind the dropless dispatch."""
+    """Keyword options of the grouped SwiGLU behind the dropless dispatch, plus `ep_buffer_factor`, which
+    the expert-parallel path (parallel.py) takes out before calling it."""
+    options = dict(ep_buffer_factor=self.ep_buffer_factor)
     if self.dispatch == "dropless_gather":
-      return dict(block_size=self.block_size, schedule=self.gather_schedule)
-    return {}
+      options.update(block_size=self.block_size, schedule=self.gather_schedule)
+    return options
 
   def validate_mesh(self, axis_sizes: Mapping[str, int]) -> None:
     """Checks this config against a device mesh ({axis name: size}, e.g. dict(mesh.shape)).

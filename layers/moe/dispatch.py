@@ -5,7 +5,9 @@ wrappers in moe_parallel.py swap in the cross-device expert step):
 
 - dropless (`dropless_dispatch`): the N*k (token, expert) pairs (the valid ones) are sorted by
   expert, gathered into rows, run through a grouped SwiGLU `rows_fn(x_sorted,
-  group_sizes)` (moe_grouped.py), un-sorted and summed with their gates.
+  group_sizes)` (grouped.py, or `grouped_swiglu_pallas` here), un-sorted and summed with their
+  gates. `dropless_dispatch_kept` is the same for a rows_fn that may drop rows (expert-parallel
+  receive buffers, parallel.py) and returns which pairs were kept.
 - capacity (`token_choice_capacity`, `expert_choice_dispatch`): tokens are split
   into groups of S tokens; each expert has C slots per group. A slot table
   (`slot_token` [G, E, C], S = empty) says which token fills each slot; the
@@ -23,6 +25,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from sparseformer.kernels.grouped_matmul import gmm
 
 RowsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_sorted [M, D], group_sizes [E]) -> [M, D]
 BufferFn = Callable[[jax.Array], jax.Array]  # [G, E, C, D] -> [G, E, C, D]
@@ -71,12 +75,42 @@ def dropless_dispatch(x: jax.Array, expert_index: jax.Array, gates: jax.Array, n
 
   Pairs with `valid` False are left out (padding rows, output 0).
   """
+  keep_all = lambda x_sorted, sizes: (rows_fn(x_sorted, sizes), None)
+  return dropless_dispatch_kept(x, expert_index, gates, num_experts, keep_all, valid)[0]
+
+
+def dropless_dispatch_kept(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int,
+                           rows_fn: Callable, valid: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array | None]:
+  """`dropless_dispatch` for a rows_fn returning (y_sorted [M, D], row_kept [M] bool or None).
+
+  Returns y [N, D] and kept [N, k] (valid and not dropped by rows_fn; None when row_kept is None).
+  A dropped row's output must be 0.
+  """
   num_tokens, k = expert_index.shape
   order, group_sizes = sort_by_expert(expert_index, num_experts, valid)
   x_sorted = x[order // k]  # [N*k, D]
-  y_sorted = rows_fn(x_sorted, group_sizes)
-  y_pairs = y_sorted[inverse_permutation(order)].reshape(num_tokens, k, -1)
-  return _combine_pairs(y_pairs, gates, x.dtype)
+  y_sorted, row_kept = rows_fn(x_sorted, group_sizes)
+  inverse = inverse_permutation(order)
+  y_pairs = y_sorted[inverse].reshape(num_tokens, k, -1)
+  kept = None
+  if row_kept is not None:
+    kept = row_kept[inverse].reshape(num_tokens, k)
+    kept = kept if valid is None else kept & valid
+  return _combine_pairs(y_pairs, gates, x.dtype), kept
+
+
+def grouped_swiglu_pallas(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                          w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The grouped SwiGLU (grouped.py's contract) through the Pallas grouped matmul `gmm`.
+
+  Gate and up projections run as one gmm over [E, D, 2F]; rows past sum(group_sizes) come out
+  of gmm as zeros, so silu(0) * 0 keeps them zero. Interpret mode on the CPU backend.
+  """
+  hidden = w_gate.shape[-1]
+  gate_up = gmm(x_sorted, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes)
+  act = jax.nn.silu(gate_up[:, :hidden]) * gate_up[:, hidden:]
+  return gmm(act, w_down, group_sizes)
 
 
 # ----------------------------------------------------------------------------- capacity

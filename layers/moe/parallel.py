@@ -16,10 +16,13 @@ Layout inside the shard_map (mesh axes `data`, `fsdp`, `expert`, `tensor`):
   experts run, and the reverse all-to-all brings the outputs home;
 - dropless path: each device sorts its pairs by expert, so the rows for each
   expert shard are contiguous; they go out in a fixed-size buffer per
-  destination sized for the worst case (all of this device's N*k rows to one
-  shard: dropless, but `expert`-axis-size times the row memory), are re-sorted
-  by local expert on arrival and run through the grouped SwiGLU, which only
-  visits the rows that arrived (dropless_gather), then travel back;
+  destination of R = ceil(ep_buffer_factor * N*k / n) rows (the balanced share
+  times MoEConfig.ep_buffer_factor, capped at the worst case N*k, all of this
+  device's rows to one shard; a factor >= n, the `expert` axis size, never
+  drops). Rows past R of a destination are dropped: output 0, counted in the
+  layer's dropped_fraction. On arrival they are re-sorted by local expert and
+  run through the grouped SwiGLU, which only visits the rows that arrived
+  (dropless_gather, dropless_pallas), then travel back;
 - with a `tensor` axis each device computes a slice of the hidden units and
   the expert outputs are summed over `tensor`.
 Routing, losses and statistics stay outside the shard_map, in the global view,
@@ -38,6 +41,10 @@ from jax.sharding import PartitionSpec as P
 
 from sparseformer.layers.moe import dispatch as moe_dispatch
 from sparseformer.layers.moe.grouped import GROUPED_SWIGLU
+
+# Grouped SwiGLU of each dropless dispatch (the Pallas one lives beside the dispatch, not in grouped.py).
+_GROUPED = GROUPED_SWIGLU | {"dropless_pallas": moe_dispatch.grouped_swiglu_pallas}
+EP_OPTIONS = ("ep_buffer_factor",)  # grouped_options read here, not by the grouped SwiGLU
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
@@ -116,37 +123,61 @@ def local_rows_fn(weights, dispatch: str, grouped_options: dict, plan=None):
   grouped_options: keyword arguments of the dispatch's grouped SwiGLU (dropless_gather:
   block_size and schedule).
   """
-  grouped = functools.partial(GROUPED_SWIGLU[dispatch], **grouped_options)
+  options = {k: v for k, v in grouped_options.items() if k not in EP_OPTIONS}
+  grouped = functools.partial(_GROUPED[dispatch], **options)
   return lambda x_sorted, sizes: _sum_over_tensor(grouped(x_sorted, sizes, *weights), plan)
 
 
+def receive_buffer_rows(num_rows: int, shards: int, buffer_factor: float | None) -> int:
+  """Rows per destination shard of the dropless all-to-all: ceil(factor * num_rows / shards),
+  between 1 and num_rows (the worst case: every row to one shard; None = the worst case)."""
+  if buffer_factor is None:
+    return num_rows
+  return max(1, min(num_rows, math.ceil(buffer_factor * num_rows / shards)))
+
+
 def expert_parallel_rows_fn(weights, dispatch: str, grouped_options: dict, plan: ExpertParallelPlan):
-  """Rows sorted by (global) expert -> their expert shards -> grouped SwiGLU -> back, in place."""
+  """Rows sorted by (global) expert -> their expert shards -> grouped SwiGLU -> back, in place.
+
+  The returned rows_fn gives (y_sorted [M, D], kept [M]): each destination shard receives at most
+  `receive_buffer_rows` rows per source (grouped_options["ep_buffer_factor"]; absent: the worst
+  case); a source's rows past that for one destination (its highest experts' last rows) are
+  dropped, with output 0 and kept False.
+  """
   shards, axis = plan.expert_shards, plan.expert_axis
   local = local_rows_fn(weights, dispatch, grouped_options, plan)
+  factor = grouped_options.get("ep_buffer_factor")
 
   def rows_fn(x_sorted, group_sizes):
     num_rows, dim = x_sorted.shape
+    buffer_rows = receive_buffer_rows(num_rows, shards, factor)
     experts_per_shard = group_sizes.shape[0] // shards
-    dest_counts = group_sizes.reshape(shards, experts_per_shard).sum(1)
+    sizes = group_sizes.reshape(shards, experts_per_shard)
+    dest_counts = sizes.sum(1)
     dest_start = jnp.cumsum(dest_counts) - dest_counts
-    slot = jnp.arange(num_rows)
+    slot = jnp.arange(buffer_rows)
     # Destination d gets rows dest_start[d] + slot for slot < dest_counts[d]; the rest is zero padding.
     source_row = jnp.minimum(dest_start[:, None] + slot[None, :], num_rows - 1)
     is_row = slot[None, :] < dest_counts[:, None]
     send = jnp.where(is_row[..., None], x_sorted[source_row], 0)  # [dest shard, R, D]
     received = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [src shard, R, D]
-    received_counts = jax.lax.all_to_all(group_sizes.reshape(shards, experts_per_shard), axis, 0, 0,
-                                         tiled=True)  # [src shard, E/n]
+    # Rows per expert that fit: the first R rows of each destination, in expert order.
+    ends = jnp.cumsum(sizes, axis=1)
+    sent_sizes = jnp.clip(jnp.minimum(ends, buffer_rows) - (ends - sizes), 0)
+    received_counts = jax.lax.all_to_all(sent_sizes, axis, 0, 0, tiled=True)  # [src shard, E/n]
     # Each source's rows are sorted by expert; merge the sources into one local expert order.
     local_expert = jax.vmap(lambda ends: jnp.searchsorted(ends, slot, side="right"))(
         jnp.cumsum(received_counts, axis=1))  # [src, R]; E/n marks padding
     order = jnp.argsort(local_expert.reshape(-1), stable=True)
     y_local = local(received.reshape(-1, dim)[order], received_counts.sum(0).astype(jnp.int32))
-    y_received = y_local[moe_dispatch.inverse_permutation(order)].reshape(shards, num_rows, dim)
+    y_received = y_local[moe_dispatch.inverse_permutation(order)].reshape(shards, buffer_rows, dim)
     back = jax.lax.all_to_all(y_received, axis, 0, 0, tiled=True)  # [dest shard, R, D]
-    dest = jnp.minimum(jnp.searchsorted(jnp.cumsum(dest_counts), slot, side="right"), shards - 1)
-    return back[dest, slot - dest_start[dest]]
+    row = jnp.arange(num_rows)
+    dest = jnp.minimum(jnp.searchsorted(jnp.cumsum(dest_counts), row, side="right"), shards - 1)
+    position = row - dest_start[dest]
+    kept = (position < buffer_rows) & (row < dest_counts.sum())
+    y = back[dest, jnp.minimum(position, buffer_rows - 1)]
+    return jnp.where(kept[:, None], y, 0), kept
 
   return rows_fn
 
@@ -178,7 +209,8 @@ def _check_tokens(num, plan, what):
 
 def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParallelPlan, num_experts: int,
                          dispatch: str, grouped_options: dict, group_size: int, capacity: int, valid=None):
-  """Token-choice dispatch of x [N, D] under `plan`: returns y [N, D] and kept [N, k] (= valid if dropless).
+  """Token-choice dispatch of x [N, D] under `plan`: returns y [N, D] and kept [N, k] (dropless: valid,
+  less the pairs an expert-parallel receive buffer had no room for).
 
   valid [N, k] bool (default all True): pairs with valid False get no slot and no output.
   """
@@ -187,9 +219,11 @@ def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParalle
   valid = jnp.ones(expert_index.shape, bool) if valid is None else valid
 
   def local(x, expert_index, gates, valid, *weights):
+    if dispatch.startswith("dropless") and plan.expert_axis:
+      rows_fn = expert_parallel_rows_fn(weights, dispatch, grouped_options, plan)
+      return moe_dispatch.dropless_dispatch_kept(x, expert_index, gates, num_experts, rows_fn, valid)
     if dispatch.startswith("dropless"):
-      make = expert_parallel_rows_fn if plan.expert_axis else local_rows_fn
-      rows_fn = make(weights, dispatch, grouped_options, plan)
+      rows_fn = local_rows_fn(weights, dispatch, grouped_options, plan)
       return moe_dispatch.dropless_dispatch(x, expert_index, gates, num_experts, rows_fn, valid), valid
     make = expert_parallel_buffer_fn if plan.expert_axis else local_buffer_fn
     return moe_dispatch.token_choice_capacity(
@@ -198,7 +232,12 @@ def sharded_token_choice(x, expert_index, gates, weights, *, plan: ExpertParalle
 
   specs = (tokens, tokens, tokens, tokens, *_weight_specs(plan))
   args = _to_specs((x, expert_index, gates, valid, *weights), specs, plan)
-  return jax.shard_map(local, mesh=plan.mesh, in_specs=specs, out_specs=(tokens, tokens))(*args)
+  # A pallas_call in interpret mode runs its kernel body as ordinary JAX, whose constants vary over no mesh
+  # axis, and fails shard_map's varying-axes check; the Pallas dispatch runs unchecked on every backend, so
+  # the path tested on CPU is the one a GPU runs.
+  check_vma = dispatch != "dropless_pallas"
+  return jax.shard_map(local, mesh=plan.mesh, in_specs=specs, out_specs=(tokens, tokens),
+                       check_vma=check_vma)(*args)
 
 
 def sharded_expert_choice(x, slot_token, slot_gate, weights, *, plan: ExpertParallelPlan, form: str):

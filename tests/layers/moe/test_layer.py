@@ -412,7 +412,7 @@ def test_presets_equal_naive_reference(name):
     (dict(num_experts=4, top_k=5), "top_k"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(capacity_factor=-1.0), "capacity_factor"),
-    (dict(dispatch="dropless_pallas"), "dispatch"),
+    (dict(ep_buffer_factor=0.0), "ep_buffer_factor"),
     (dict(dispatch="sorted"), "dispatch"),
     (dict(score_function="relu"), "score_function"),
     (dict(gate_norm="l2"), "gate_norm"),
