@@ -53,6 +53,23 @@ class Block(nnx.Module):
     return x + y, aux
 
 
+  def prefill(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """__call__ over a right-padded prompt that also fills this block's KV cache (Attention.prefill); an MoE
+    feed-forward runs its inference path (`MoEFeedForward.infer`: dropless, no aux)."""
+    attended, cache = self.attention.prefill(self.attention_norm(x), positions, lengths, cache)
+    x = x + attended
+    return x + self._ffn_infer(self.ffn_norm(x)), cache
+
+  def decode_step(self, x_t: jax.Array, positions: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """One token per row: x_t [B, 1, D] at positions [B] -> (x_t, cache)."""
+    attended, cache = self.attention.decode_step(self.attention_norm(x_t), positions, cache)
+    x_t = x_t + attended
+    return x_t + self._ffn_infer(self.ffn_norm(x_t)), cache
+
+  def _ffn_infer(self, x: jax.Array) -> jax.Array:
+    return self.ffn.infer(x) if self.ffn_kind == "moe" else self.ffn(x)
+
+
 class DecoderLM(nnx.Module):
   """tokens [B, T] -> (logits [B, T, V] f32, aux).
 
@@ -99,3 +116,34 @@ class DecoderLM(nnx.Module):
     if return_hidden:
       return logits, {"aux_loss": aux_loss, **metrics}, hidden
     return logits, {"aux_loss": aux_loss, **metrics}
+
+  # ----------------------------------------------------------------------------------------------- decode
+  # The entry points with checks, jit and caching are models/decode.py; these are the traced bodies.
+  def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """tokens int32 [B, T] right-padded (row b real below lengths[b]) -> (logits f32 [B, V] at lengths - 1, cache
+    holding positions 0..lengths[b]-1 with cache["lengths"] = lengths)."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embedding(tokens)
+    cache = dict(cache)
+    for layer, block in enumerate(self.blocks):
+      x, cache[f"layer{layer}"] = block.prefill(x, positions, lengths, cache[f"layer{layer}"])
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, D]
+    cache["lengths"] = lengths.astype(jnp.int32)
+    return self._logits(last)[:, 0], cache
+
+  def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """tokens int32 [B], row b at position cache["lengths"][b] -> (logits f32 [B, V], cache one longer)."""
+    positions = cache["lengths"]
+    x = self.embedding(tokens[:, None])
+    cache = dict(cache)
+    for layer, block in enumerate(self.blocks):
+      x, cache[f"layer{layer}"] = block.decode_step(x, positions, cache[f"layer{layer}"])
+    cache["lengths"] = positions + 1
+    return self._logits(x)[:, 0], cache
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and output projection: [B, T, D] -> f32 [B, T, V]."""
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      return self.embedding.attend(x).astype(jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)

@@ -28,6 +28,8 @@ state (nnx.value_and_grad / nnx.jit do so) so that `after_optimizer_step` sees i
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -37,6 +39,9 @@ from sparseformer.layers.moe import parallel as moe_parallel
 from sparseformer.layers.moe.config import MoEConfig
 from sparseformer.layers.moe.grouped import swiglu
 from sparseformer.layers.routing import RouterBias, RouterLoad  # noqa: F401  (part of the API)
+
+_LOG = logging.getLogger(__name__)
+_LOGGED_DROPLESS: set[MoEConfig] = set()  # capacity configs whose dropless decode has been logged
 
 __all__ = ["MoEFeedForward", "MoEConfig", "RouterBias", "RouterLoad", "after_optimizer_step"]
 
@@ -155,6 +160,42 @@ class MoEFeedForward(nnx.Module):
     self.router.load[...] = load
     aux = self._losses_and_metrics(logits, scores, expert_index, valid, load, dropped_fraction, batch)
     return y.reshape(batch, length, dim).astype(self.dtype), aux
+
+  def infer(self, x: jax.Array) -> jax.Array:
+    """Inference (prefill and decode) forward: x [B, T, D] -> y [B, T, D], token-choice routing and dropless
+    dispatch whatever `config.dispatch` says (a capacity layer's drops depend on the other tokens of its group,
+    so a cached decode could not match them; this is logged once per config), no aux, no load written.
+    Router jitter follows the module's mode: decode runs the model in eval mode."""
+    config = self.config
+    if config.routing != "token_choice":
+      raise ValueError(f"MoEConfig.routing={config.routing!r} cannot decode token by token (each expert picks "
+                       "among the whole sequence); decode a token_choice model.")
+    dispatch = config.dispatch if config.dropless else "dropless_gather"
+    if dispatch != config.dispatch and config not in _LOGGED_DROPLESS:
+      _LOGGED_DROPLESS.add(config)
+      _LOG.info("MoE layer with dispatch=%r decodes with dropless dispatch (dropless_gather): a cached decode "
+                "sees one token at a time, so capacity drops are not reproduced.", config.dispatch)
+    grouped_options = (config.grouped_options if config.dropless else
+                       dict(block_size=config.block_size, schedule=config.gather_schedule))
+    batch, length, dim = x.shape
+    x_flat = x.astype(self.dtype).reshape(batch * length, dim)
+    routed = routing.route_token_choice(
+        self.router.logits(x_flat), config.routed_top_k, score_function=config.score_function,
+        gate_norm=config.gate_norm, route_scale=config.route_scale, bias=self.router.selection_bias(),
+        n_groups=config.n_groups, topk_groups=config.topk_groups)
+    options = dict(num_experts=config.routed_experts, dispatch=dispatch, grouped_options=grouped_options,
+                   group_size=batch * length, capacity=batch * length, valid=routed.valid)
+    plan = moe_parallel.make_plan(moe_parallel.current_mesh(self.mesh))
+    if plan is None:
+      y, _ = moe_parallel.local_token_choice(x_flat, routed.expert_index, routed.gates, self.expert_weights(),
+                                             **options)
+    else:
+      y, _ = moe_parallel.sharded_token_choice(x_flat, routed.expert_index, routed.gates, self.expert_weights(),
+                                               plan=plan, **options)
+    if self.shared_gate is not None:
+      y = y + swiglu(x_flat, *(w[...].astype(self.dtype) for w in (self.shared_gate, self.shared_up,
+                                                                    self.shared_down)))
+    return y.reshape(batch, length, dim).astype(self.dtype)
 
   def _losses_and_metrics(self, logits, scores, expert_index, valid, load, dropped_fraction, batch):
     config = self.config
