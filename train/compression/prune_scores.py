@@ -13,7 +13,7 @@ contracted axes, flattened in order) and O outputs. Our layers store weights inp
 
 All mask functions return bool keep-masks of the scores' shape, prune exactly floor(sparsity * count) entries
 per comparison group (ties: the lower index is pruned first, a stable sort) and work on NumPy arrays, JAX
-arrays and inside `jax.jit` (with a traced sparsity too).
+arrays (computed in NumPy) and inside `jax.jit` (with a traced sparsity too).
 """
 
 import jax.numpy as jnp
@@ -63,30 +63,38 @@ def magnitude_scores(weight):
 
 def wanda_scores(weight, input_sumsq):
   """|W_ij| * ||X_j||_2 for weight [G, I, O] and input_sumsq [G, I] = sum over tokens of X_j^2."""
-  return abs(weight) * jnp.sqrt(jnp.maximum(input_sumsq, 0.0))[..., None]
+  xp = _xp(weight)
+  return abs(weight) * xp.sqrt(xp.maximum(input_sumsq, 0.0))[..., None]
+
+
+def _xp(array):
+  """NumPy for NumPy inputs (host-side one-shot pruning, no per-shape compiles), else jax.numpy (inside jit)."""
+  return np if isinstance(array, np.ndarray) else jnp
 
 
 def _keep_lowest_pruned(scores, axis: int, num_pruned):
   """True except for the `num_pruned` lowest scores along `axis` (stable: the lower index goes first)."""
-  order = jnp.argsort(scores, axis=axis, stable=True)
-  rank = jnp.argsort(order, axis=axis, stable=True)  # rank of each entry within its group
+  xp = _xp(scores)
+  order = xp.argsort(scores, axis=axis, kind="stable") if xp is np else jnp.argsort(scores, axis=axis, stable=True)
+  rank = xp.argsort(order, axis=axis, kind="stable") if xp is np else jnp.argsort(order, axis=axis, stable=True)
   return rank >= num_pruned
 
 
 def _num_pruned(sparsity, count: int):
-  return jnp.floor(sparsity * count + 1e-6).astype(jnp.int32)  # 1e-6: 0.5 * 10 is 5, not 4.999...
+  xp = np if isinstance(sparsity, (int, float, np.floating)) else jnp
+  return xp.floor(sparsity * count + 1e-6).astype(xp.int32)  # 1e-6: 0.5 * 10 is 5, not 4.999...
 
 
 def per_matrix_mask(scores, sparsity):
   """Keep-mask of scores [G, I, O] pruning floor(sparsity * I * O) lowest entries of each of the G matrices."""
   groups, inputs, outputs = scores.shape
-  flat = jnp.asarray(scores).reshape(groups, inputs * outputs)
+  flat = scores.reshape(groups, inputs * outputs)
   return _keep_lowest_pruned(flat, 1, _num_pruned(sparsity, inputs * outputs)).reshape(scores.shape)
 
 
 def per_output_mask(scores, sparsity):
   """Keep-mask of scores [G, I, O] pruning floor(sparsity * I) lowest inputs of every output (g, o)."""
-  return _keep_lowest_pruned(jnp.asarray(scores), 1, _num_pruned(sparsity, scores.shape[1]))
+  return _keep_lowest_pruned(scores, 1, _num_pruned(sparsity, scores.shape[1]))
 
 
 def nm_mask(scores, n: int, m: int):
@@ -94,7 +102,7 @@ def nm_mask(scores, n: int, m: int):
   groups, inputs, outputs = scores.shape
   if inputs % m:
     raise ValueError(f"N:M {n}:{m} needs the input dimension ({inputs}) to be a multiple of M={m}.")
-  blocks = jnp.asarray(scores).reshape(groups, inputs // m, m, outputs)
+  blocks = scores.reshape(groups, inputs // m, m, outputs)
   return _keep_lowest_pruned(blocks, 2, m - n).reshape(scores.shape)
 
 

@@ -1,0 +1,119 @@
+"""The calibration pass against the model's own forward and NumPy; one-shot masks over a whole model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparseformer.layers.moe.config import MoEConfig
+from sparseformer.models.config import ModelConfig
+from sparseformer.models.decoder import DecoderLM
+from sparseformer.train.compression import prune, prune_masks
+
+CONFIG = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, max_seq_len=32, mlp_hidden=64,
+                     ffn_pattern=("dense", "moe"), moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32))
+
+
+def _model_and_tokens(seed=0):
+  """A random tiny model (initialised under jit) and tokens [2, 16]."""
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(CONFIG, rngs=nnx.Rngs(seed))), nnx.Param, ...)
+  params, extra = jax.jit(lambda: nnx.split(DecoderLM(CONFIG, rngs=nnx.Rngs(seed)), nnx.Param, ...)[1:])()
+  tokens = jax.random.randint(jax.random.key(seed + 1), (2, 16), 0, CONFIG.vocab_size)
+  return graphdef, params, extra, tokens
+
+
+@pytest.fixture(scope="module")
+def probe():
+  """(params, outputs) of `_run_probe` for one tiny model, shared by this module's tests (one compile)."""
+  return _run_probe(0)
+
+
+def _run_probe(seed):
+  """One jitted pass: the calibration statistics, the walked and the real logits, and block-level activations."""
+  graphdef, params, extra, tokens = _model_and_tokens(seed)
+
+  @jax.jit
+  def probe(params, extra, tokens):
+    model = nnx.merge(graphdef, params, extra, copy=True)
+    model.eval()
+    stats, residuals = prune.block_statistics(model, tokens)
+    positions = jnp.arange(tokens.shape[1])
+    block0, block1 = model.blocks[0], model.blocks[1]
+    h0 = block0.attention_norm(model.embedding(tokens))
+    attended0, _ = block0.attention(h0, positions)
+    attended1, _ = block1.attention(block1.attention_norm(residuals[0]), positions)
+    return dict(stats=stats, logits=model(tokens)[0], walked=model.embedding.attend(model.final_norm(residuals[-1])),
+                h0=h0, attended0=attended0, ffn_in0=block0.ffn_norm(model.embedding(tokens) + attended0),
+                heads0=prune.attention_head_outputs(block0.attention, h0, positions),
+                moe_in=block1.ffn_norm(residuals[0] + attended1))
+
+  out = jax.tree.map(lambda a: np.asarray(a, np.float64), probe(params, extra, tokens))
+  return params, out
+
+
+def test_block_walk_equals_the_model_and_wanda_inputs_match_numpy(probe):
+  params, out = probe
+  stats = out["stats"]
+  assert np.isfinite(out["walked"]).all()
+  error = np.abs(out["walked"] - out["logits"]).max()
+  assert error < 1e-5, error
+  # Known activations of block 0 (from the modules), squared and summed in NumPy.
+  named = {name: np.asarray(leaf[...], np.float64) for name, leaf in prune_masks.named_params(params).items()}
+  ffn_in, h = out["ffn_in0"].reshape(-1, 32), out["h0"].reshape(-1, 32)
+  gate = ffn_in @ named["blocks/0/ffn/w_gate"]
+  hidden = gate / (1 + np.exp(-gate)) * (ffn_in @ named["blocks/0/ffn/w_up"])
+  np.testing.assert_allclose(stats["blocks/0/ffn/w_gate"][0], (ffn_in**2).sum(0), rtol=1e-4)
+  np.testing.assert_allclose(stats["blocks/0/ffn/w_down"][0], (hidden**2).sum(0), rtol=1e-4)
+  np.testing.assert_allclose(stats["blocks/0/attention/wq"][0], (h**2).sum(0), rtol=1e-4)
+  # wo's input: the head outputs times wo give the attention output.
+  via_heads = np.einsum("mnh,nhd->md", out["heads0"], named["blocks/0/attention/wo"])
+  np.testing.assert_allclose(via_heads, out["attended0"].reshape(-1, 32), atol=1e-5)
+  np.testing.assert_allclose(stats["blocks/0/attention/wo"][0], (out["heads0"].reshape(32, -1) ** 2).sum(0),
+                             rtol=1e-4)
+
+
+def test_moe_statistics_match_a_numpy_loop_over_assignments(probe):
+  params, out = probe
+  named = {name: np.asarray(leaf[...], np.float64) for name, leaf in prune_masks.named_params(params).items()}
+  x = out["moe_in"].reshape(-1, 32)
+  logits = x @ named["blocks/1/ffn/router/weight"]
+  w_gate, w_up = named["blocks/1/ffn/w_gate"], named["blocks/1/ffn/w_up"]
+  want_in, want_hidden, want_mass = np.zeros((4, 32)), np.zeros((4, 32)), np.zeros(4)
+  for n in range(x.shape[0]):
+    top = np.argsort(-logits[n], kind="stable")[:2]
+    gates = np.exp(logits[n, top] - logits[n, top].max())
+    gates /= gates.sum()  # topk normalisation of softmax scores = softmax over the picked logits
+    for expert, gate_value in zip(top, gates):
+      a = x[n] @ w_gate[expert]
+      want_in[expert] += x[n] ** 2
+      want_hidden[expert] += (a / (1 + np.exp(-a)) * (x[n] @ w_up[expert])) ** 2
+      want_mass[expert] += gate_value
+  stats = out["stats"]
+  np.testing.assert_allclose(stats["blocks/1/ffn/w_up"], want_in, rtol=1e-4)
+  np.testing.assert_allclose(stats["blocks/1/ffn/w_down"], want_hidden, rtol=1e-4)
+  np.testing.assert_allclose(stats["blocks/1/ffn#expert_mass"], want_mass, rtol=1e-4)
+  assert abs(want_mass.sum() - x.shape[0]) < 1e-6
+
+
+def test_one_shot_masks_have_the_exact_pattern_on_every_prunable_weight(probe):
+  params, out = probe
+  stats = out["stats"]
+  layouts = prune.prunable_names(params)
+  assert "blocks/1/ffn/w_gate" in layouts and "embedding/table" not in layouts and len(layouts) == 4 + 3 + 4 + 3
+  wanda = prune.one_shot_masks(params, "wanda", sparsity=0.5, stats=stats)
+  magnitude = prune.one_shot_masks(params, "magnitude", sparsity=0.25)
+  nm = prune.one_shot_masks(params, "nm", nm=(2, 4), stats=stats)
+  assert set(wanda) == set(magnitude) == set(nm) == set(layouts)
+  shapes = {name: leaf.shape for name, leaf in prune_masks.named_params(params).items()}
+  for name, (group_axes, in_axes) in layouts.items():
+    groups = int(np.prod(shapes[name][:group_axes]))
+    outputs = int(np.prod(shapes[name][group_axes + in_axes:]))
+    per_output = wanda[name].reshape(groups, -1, outputs)
+    np.testing.assert_array_equal(per_output.sum(axis=1), per_output.shape[1] // 2)
+    matrix = magnitude[name].reshape(groups, -1)
+    np.testing.assert_array_equal((~matrix).sum(axis=1), matrix.shape[1] // 4)  # per matrix / per expert
+    np.testing.assert_array_equal(nm[name].reshape(groups, -1, 4, outputs).sum(axis=2), 2)
+  # Wanda's activation norms change the choice against plain magnitude on the same pattern.
+  nm_magnitude = prune.one_shot_masks(params, "nm", nm=(2, 4), score="magnitude")
+  assert not np.array_equal(nm["blocks/0/ffn/w_down"], nm_magnitude["blocks/0/ffn/w_down"])
