@@ -37,7 +37,7 @@ from flax import nnx
 
 from sparseformer.layers import routing
 from sparseformer.layers.attention.dense import causal_attention
-from sparseformer.layers.attention.routed import dsa_gather, dsa_indexer, dsa_loss
+from sparseformer.layers.attention.routed import decode_dsa, dsa_gather, dsa_indexer, dsa_loss
 
 
 class DSAAttention(nnx.Module):
@@ -49,7 +49,8 @@ class DSAAttention(nnx.Module):
 
   def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, config, rope_theta: float,
                init_std: float, dtype, param_dtype, rngs: nnx.Rngs, layer: int = 0, block: bool = False):
-    del num_heads, num_kv_heads, head_dim, layer  # read from q, k, v at call time
+    del num_heads, layer  # read from q, k, v at call time
+    self.num_kv_heads, self.head_dim = num_kv_heads, head_dim  # the decode cache's shape
     dsa = config.dsa
     if block and dsa.topk < dsa.block_size:
       raise ValueError(f"attention.dsa.topk={dsa.topk} is below attention.dsa.block_size={dsa.block_size}: "
@@ -97,6 +98,25 @@ class DSAAttention(nnx.Module):
       out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
                                           block_kv=dsa.block_size, backend=backend)
     return out, block_tokens(block_index, dsa.block_size)
+
+  # Cached decode (issue 13; decode_dsa.py): the indexer's key cache, top-k keys or blocks gathered.
+  @property
+  def kind_name(self) -> str:
+    return "dsa_block" if self.block else "dsa"
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    return decode_dsa.init_cache(self, batch, max_len)
+
+  def cache_logical_axes(self, batch: int | None = None, max_len: int | None = None
+                         ) -> dict[str, tuple[str | None, ...]]:
+    del batch, max_len  # the names do not depend on the sizes
+    return decode_dsa.cache_logical_axes(self)
+
+  def prefill(self, x, q, k, v, positions, lengths, cache):
+    return decode_dsa.prefill(self, x, q, k, v, positions, lengths, cache)
+
+  def decode_step(self, x_t, q_t, k_t, v_t, positions, cache):
+    return decode_dsa.decode_step(self, x_t, q_t, k_t, v_t, positions, cache)
 
 
 def select_blocks(features: dsa_indexer.IndexerFeatures, topk: int, block_size: int, *, key_chunk: int,

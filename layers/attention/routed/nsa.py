@@ -166,7 +166,9 @@ class NSAAttention(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
     return decode_nsa.init_cache(self, batch, max_len)
 
-  def cache_logical_axes(self) -> dict[str, tuple[str, ...]]:
+  def cache_logical_axes(self, batch: int | None = None, max_len: int | None = None
+                         ) -> dict[str, tuple[str | None, ...]]:
+    del batch, max_len  # the names do not depend on the sizes
     return decode_nsa.cache_logical_axes(self)
 
   def prefill(self, x, q, k, v, positions, lengths, cache):

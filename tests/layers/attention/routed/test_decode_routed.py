@@ -122,3 +122,17 @@ def test_nsa_decode_equals_the_forward_at_every_position(seed, compression, sepa
   if separate_kv:
     assert cache["win_k"].shape == (B, 12, KVH, D) and cache["cmp_k_raw"].shape == (B, 8, KVH, D)
   _assert_only_real_positions(cache, "k")
+
+
+# topk 20 < T: the early positions attend every key (t + 1 <= topk), the later ones select; dsa_block keeps
+# topk // block_size = 2 of 6 blocks of 8.
+DSA = dict(index_heads=3, index_head_dim=8, rope_dim=4, topk=20, block_size=8, key_chunk=16, query_chunk=16)
+
+
+@pytest.mark.parametrize("kind", ["dsa", "dsa_block"])
+def test_dsa_decode_equals_the_forward_at_every_position(seed, kind):
+  module = _module(kind, dsa=DSAConfig(**DSA))
+  full, got, cache = _decode_everything(module, seed)
+  _assert_equal_rel(got, full)
+  assert set(cache) == {"k", "v", "index_k"} and cache["index_k"].shape == (B, MAX_LEN, 8)
+  _assert_only_real_positions(cache, "index_k")
