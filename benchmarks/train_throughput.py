@@ -6,7 +6,8 @@
 For every preset the full sparseformer train step (sharded jit, AdamW + clipping + weight-decay mask,
 non-finite guard) runs on random tokens; for dense presets a hand-written plain JAX transformer step of the
 same shape and dtypes (parameters in `param_dtype`, compute in `--dtype`; embedding, RMSNorm, RoPE,
-`jax.nn.dot_product_attention`, SwiGLU, tied head, optax AdamW) is the baseline. Both compile and take one
+`jax.nn.dot_product_attention` (cuDNN flash attention on a GPU in 16-bit, `plain_attention_implementation`),
+SwiGLU, tied head, optax AdamW) is the baseline. Both compile and take one
 discarded step, then alternate step by step (interleaved, median of --steps each). MFU = tokens/s x model FLOPs per token / peak, where the peak is a jitted square
 matmul measured in this process before, between and after the runs (the CPU roofline; the highest is used, so
 MFU errs low on a noisy machine).
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 
 from sparseformer.layers import rope
+from sparseformer.layers.attention import dense
 from sparseformer.models import flops, presets
 from sparseformer.models.config import ModelConfig
 from sparseformer.train import optimizer as optimizer_lib
@@ -95,6 +97,13 @@ def plain_params(config: ModelConfig) -> dict:
        "n1": ones((d,)), "n2": ones((d,))} for _ in range(config.num_layers)]}
 
 
+def plain_attention_implementation(dtype, head_dim: int) -> str | None:
+  """The plain step's attention: cuDNN flash attention where our rule picks it (GPU, 16-bit, head sizes cuDNN
+  takes: `dense.dense_attention_implementation`), else jax.nn.dot_product_attention's default (None)."""
+  cudnn = dense.dense_attention_implementation(jax.default_backend(), dtype, head_dim) == "cudnn"
+  return "cudnn" if cudnn else None
+
+
 def plain_loss(config: ModelConfig, params: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
   """A textbook transformer forward in `config.dtype` (weights cast from their stored dtype, as ours does)."""
   heads, head_dim, compute = config.num_heads, config.resolved_head_dim, jnp.dtype(config.dtype)
@@ -107,7 +116,8 @@ def plain_loss(config: ModelConfig, params: dict, inputs: jax.Array, targets: ja
     q = rope.apply_rope((h @ layer["wq"]).reshape(batch_size, length, heads, head_dim), positions)
     k = rope.apply_rope((h @ layer["wk"]).reshape(batch_size, length, config.num_kv_heads, head_dim), positions)
     v = (h @ layer["wv"]).reshape(batch_size, length, config.num_kv_heads, head_dim)
-    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(batch_size, length, -1)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=plain_attention_implementation(
+        compute, head_dim)).reshape(batch_size, length, -1)
     x = x + attended @ layer["wo"]
     h = _rms_norm(x, layer["n2"])
     x = x + (jax.nn.silu(h @ layer["w1"]) * (h @ layer["w3"])) @ layer["w2"]
