@@ -156,9 +156,28 @@ def load_runs(sweep_dir: str, sweep: dict) -> list[RunResult]:
         name=spec["name"], variant=str(spec["variant"]), grid=dict(spec.get("grid", {})),
         learning_rate=float(spec["learning_rate"]), seed=int(spec["seed"]),
         status=status.get("status", "not run"), error=status.get("error"),
-        wall_time_s=status.get("wall_time_s"), records=store.read_records(run_dir), config=overrides.flatten_dict(raw_config),
+        wall_time_s=status.get("wall_time_s"), records=_with_energy(store.read_records(run_dir), raw_config),
+        config=overrides.flatten_dict(raw_config),
         flops_per_token=flops_per_token, overrides=list(spec.get("overrides", []))))
   return runs
+
+
+# Energy of a run (train/energy.py), from its final energy record: joules per token, and joules per nat of eval
+# loss gained from the uniform prediction's ln(vocab_size) (where an untrained model starts) to the run's last
+# eval loss. Figures of the run's last session only (a resumed run counts from its resume).
+ENERGY_METRICS = ("energy/joules_per_token", "energy/joules_per_eval_loss_improvement")
+
+
+def _with_energy(records: list, config: dict) -> list:
+  """`records` plus one derived record with energy/joules_per_eval_loss_improvement at the last energy record."""
+  energy = [r for r in records if _is_number(r.get("energy/joules"))]
+  losses = [r for r in records if _is_number(r.get("eval/loss"))]
+  vocab = config.get("model", {}).get("vocab_size")
+  if not energy or not losses or not vocab:
+    return records
+  gain = math.log(vocab) - losses[-1]["eval/loss"]
+  value = energy[-1]["energy/joules"] / gain if gain > 0 else math.nan
+  return records + [{"step": energy[-1]["step"], "energy/joules_per_eval_loss_improvement": value}]
 
 
 def _check_sweep(sweep_dir: str, sweep: dict) -> None:
@@ -229,6 +248,7 @@ def analyze(sweep_dir: str) -> Report:
   logged = sorted({key for run in runs for record in run.records for key, value in record.items()
                    if key.startswith("eval/") and _is_number(value)} - {select})
   metrics = [select] + logged + ([TRAIN_LOSS] if select != TRAIN_LOSS else [])
+  metrics += [metric for metric in ENERGY_METRICS if any(run.series(metric)[0].size for run in runs)]
   if finished and not any(run.series(select)[0].size for run in finished):
     available = ", ".join(metrics[1:]) or "none"
     raise ValueError(f"{os.path.join(sweep_dir, store.SWEEP_FILE)}: select={select!r} is logged by no finished "

@@ -194,24 +194,34 @@ def _digest(directory) -> str:
 
 
 def test_a_tiny_distillation_run_trains_and_leaves_the_teacher_unchanged(tmp_path, tiny_config):
+  """The teacher (another depth and head count, saved untrained to spare a compile) is read, never written; the
+  student's metrics.jsonl holds the distill/* and energy lines."""
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
-  base = tiny_config(steps=2, checkpoint_every=2)
+  base = tiny_config(steps=2, log_every=1)
   teacher_config = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=1, num_heads=2,
                                                                          num_kv_heads=1))
-  trainer.train(teacher_config, teacher_dir)
+  _write_run_config(teacher_dir, teacher_config)
+  teacher_run = trainer.open_run(teacher_config, teacher_dir)
+  teacher_run.checkpointer.save(0, teacher_run.state, {}, wait=True)
+  teacher_run.checkpointer.close()
   before = _digest(teacher_dir)
-  student = _with_distill(dataclasses.replace(base, train=dataclasses.replace(base.train, steps=3)), teacher_dir,
-                          alpha=0.5, temperature=2.0)
-  summary = trainer.train(student, student_dir)
+  summary = trainer.train(_with_distill(base, teacher_dir, alpha=0.5, temperature=2.0), student_dir)
   assert _digest(teacher_dir) == before
   records = [json.loads(line) for line in open(os.path.join(student_dir, "metrics.jsonl"), encoding="utf-8")]
   teacher_eval = [r for r in records if "distill/teacher_eval/loss" in r]
-  assert len(teacher_eval) == 1 and np.isfinite(teacher_eval[0]["distill/teacher_eval/loss"])
+  assert len(teacher_eval) == 1  # an untrained teacher: about ln(259) = 5.56 nats
+  assert abs(teacher_eval[0]["distill/teacher_eval/loss"] - np.log(259)) < 0.5
   train_lines = [r for r in records if "train/loss" in r]
-  assert len(train_lines) == 3
+  assert len(train_lines) == 2
   for r in train_lines:
     assert r["train/distill/hard_loss"] == pytest.approx(r["train/loss"])
     assert r["train/distill/kl"] >= 0 and r["train/distill/soft_loss"] >= 0
     assert r["train/total_loss"] == pytest.approx(0.5 * r["train/loss"] + 0.5 * r["train/distill/soft_loss"],
                                                   rel=1e-5)
-  assert np.isfinite(summary["loss"])
+    assert r["train/energy/method"] in ("measured:rapl", "estimated:tdp")
+  final = [r for r in records if "energy/joules" in r]
+  assert len(final) == 1 and final[0]["step"] == 2
+  assert set(final[0]) >= {"energy/joules", "energy/kwh", "energy/facility_kwh", "energy/co2e_g", "energy/method",
+                           "energy/joules_per_token"}
+  assert final[0]["energy/joules"] > 0 and final[0]["energy/joules"] >= train_lines[-1]["train/energy/joules"]
+  assert summary["energy/method"] == final[0]["energy/method"] and np.isfinite(summary["loss"])

@@ -346,3 +346,16 @@ def test_bad_sweep_json(tmp_path, field, value, message):
 def test_missing_sweep_dir(tmp_path):
   with pytest.raises(FileNotFoundError, match="sweep.json not found"):
     report.write_report(str(tmp_path / "nothing"))
+
+
+def test_energy_per_eval_loss_improvement_is_derived_from_the_final_energy_record():
+  """Issue 14: joules per nat of eval loss gained from ln(vocab) (the uniform prediction) to the last eval."""
+  records = [{"step": 10, "eval/loss": 4.0}, {"step": 20, "eval/loss": math.log(259) - 2.0},
+             {"step": 20, "energy/joules": 500.0, "energy/joules_per_token": 0.5, "energy/method": "estimated:tdp"}]
+  derived = report._with_energy(records, {"model": {"vocab_size": 259}})
+  assert derived[:3] == records
+  assert derived[3] == {"step": 20, "energy/joules_per_eval_loss_improvement": pytest.approx(250.0)}
+  assert report._with_energy(records[:2], {"model": {"vocab_size": 259}}) == records[:2]  # no energy: nothing
+  worse = [{"step": 5, "eval/loss": 9.0}, records[2]]  # no improvement: NaN, never a negative cost
+  assert math.isnan(report._with_energy(worse, {"model": {"vocab_size": 259}})[-1][
+      "energy/joules_per_eval_loss_improvement"])
