@@ -8,7 +8,8 @@ Part 1, per E in --experts (top-k --top-k, --dtype): M = tokens * k rows in E gr
 router (multinomial), lhs [M, D] x rhs [E, D, F]. gmm is timed beside `lhs @ w` with w [D, F] (the same
 2 M D F FLOPs), forward and forward + backward (d lhs by gmm, d rhs by tgmm: 3x the FLOPs; dense: the same
 three matmuls), in one process, their repetitions interleaved in alternating order after a discarded warm-up;
-reported: TFLOP/s of each and the ratio of medians (goal: gmm >= 70 % of dense).
+reported: TFLOP/s of each and the ratio of medians (goal: gmm >= 70 % of dense). First, per E, gmm's values
+and gradients are checked against the per-group loop on the device (exit status 1 when out of tolerance).
 Part 2: `benchmarks.moe.run_grid` (dense SwiGLU of hidden k * F vs the MoE layer, fwd + bwd, interleaved) for
 dispatch dropless_pallas beside dropless_gather; goal: MoE <= 1.3 x dense.
 With --smoke: tiny shapes in interpret mode (CPU plumbing check; its times mean nothing). --out must not exist.
@@ -29,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.benchmarks import moe as moe_bench
-from sparseformer.kernels.grouped_matmul import gmm
+from sparseformer.kernels.grouped_matmul import gmm, gmm_reference
+
+CHECK_TOL = 3e-2  # max error / max |reference| of the correctness check (bf16 inputs; f32 may run as TF32)
 
 FULL = dict(experts=(8, 64), top_k=2, tokens=8192, d_model=2048, hidden=1408, repeats=10)
 SMOKE = dict(experts=(4,), top_k=2, tokens=32, d_model=32, hidden=32, repeats=3)
@@ -90,6 +93,32 @@ def matmul_rows(num_experts: int, *, top_k: int, tokens: int, d_model: int, hidd
   return out
 
 
+def correctness(num_experts: int, *, d_model: int, hidden: int, dtype, interpret: bool | None,
+                rows: int = 1000) -> dict:
+  """gmm's values and gradients against the per-group loop on `rows` rows (uneven groups, one empty, rows past
+  the sum), compiled on the device the benchmark runs on."""
+  keys = jax.random.split(jax.random.key(7), 3)
+  lhs = jax.random.normal(keys[0], (rows, d_model), dtype)
+  rhs = (jax.random.normal(keys[1], (num_experts, d_model, hidden), jnp.float32) * d_model**-0.5).astype(dtype)
+  d_out = jax.random.normal(keys[2], (rows, hidden), dtype)
+  sizes = group_sizes_uniform(rows - rows // 10, num_experts, seed=1)
+  sizes[1] = 0
+  sizes = jnp.asarray(sizes)
+
+  def values_and_grads(fn):
+    out, vjp = jax.vjp(lambda a, b: fn(a, b, sizes), lhs, rhs)
+    return (out, *vjp(d_out))
+
+  got = jax.jit(lambda: values_and_grads(lambda a, b, s: gmm(a, b, s, interpret=interpret)))()
+  want = jax.jit(lambda: values_and_grads(gmm_reference))()
+  errors = {}
+  for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    errors[name] = float("nan") if np.isnan(g).any() else float(np.abs(g - w).max() / max(1.0, np.abs(w).max()))
+  ok = all(e <= CHECK_TOL for e in errors.values())  # NaN compares False
+  return dict(experts=num_experts, rows=rows, relative_errors=errors, ok=ok)
+
+
 def to_markdown(report: dict) -> str:
   lines = [report["header"], "", "| E | k | pass | gmm ms | dense ms | gmm TFLOP/s | dense TFLOP/s | gmm / dense |",
            "|---|---|---|---|---|---|---|---|"]
@@ -126,6 +155,10 @@ def main(argv=None) -> int:
             f"after a discarded warm-up; {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
             f"{platform.node()}{' (smoke: interpret mode, times meaningless)' if args.smoke else ''}")
   print(header, flush=True)
+  checks = [correctness(e, d_model=settings["d_model"], hidden=settings["hidden"], dtype=dtype,
+                        interpret=interpret, rows=min(1000, settings["tokens"] * settings["top_k"]))
+            for e in settings["experts"]]
+  print(json.dumps(checks), flush=True)
   matmul = []
   for num_experts in settings["experts"]:
     matmul += matmul_rows(num_experts, top_k=settings["top_k"], tokens=settings["tokens"],
@@ -136,11 +169,15 @@ def main(argv=None) -> int:
                              tokens=settings["tokens"], d_model=settings["d_model"], hidden=settings["hidden"],
                              repeats=max(3, settings["repeats"] // 2), dtype=dtype, max_step_seconds=600.0)
   report = dict(header=header, command=" ".join(["python -m sparseformer.benchmarks.grouped_matmul", *(argv or
-                sys.argv[1:])]), settings=settings, wall_s=time.time() - start, matmul=matmul, layer=layer)
+                sys.argv[1:])]), settings=settings, wall_s=time.time() - start, correctness=checks, matmul=matmul,
+                layer=layer)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   print(to_markdown(report))
+  if not all(c["ok"] for c in checks):
+    print(f"FAILED: gmm differs from the reference by more than {CHECK_TOL} (relative): {checks}")
+    return 1
   return 0
 
 

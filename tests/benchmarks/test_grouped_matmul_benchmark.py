@@ -30,6 +30,12 @@ def test_markdown_reports_ratios_and_skips():
   assert "| 8 | 2 | dropless_pallas | skipped: budget | " in text
 
 
+def test_correctness_check_flags_a_wrong_kernel(monkeypatch):
+  monkeypatch.setattr(bench, "gmm", lambda a, b, s, **_: bench.gmm_reference(a, b, s) * 1.1)
+  check = bench.correctness(3, d_model=16, hidden=16, dtype=bench.jnp.float32, interpret=True, rows=40)
+  assert not check["ok"] and check["relative_errors"]["out"] > bench.CHECK_TOL
+
+
 def test_uniform_group_sizes_sum_to_rows():
   sizes = bench.group_sizes_uniform(1000, 8)
   assert sizes.sum() == 1000 and sizes.shape == (8,) and sizes.min() > 0
@@ -43,3 +49,4 @@ def test_smoke_run_writes_the_report(tmp_path):
   assert {r["mode"] for r in report["matmul"]} == {"fwd", "fwd_bwd"}
   assert {r["dispatch"] for r in report["layer"]} == {"dense", "dropless_pallas", "dropless_gather"}
   assert all(r["gmm_tflops"] > 0 for r in report["matmul"])
+  assert all(c["ok"] for c in report["correctness"])
