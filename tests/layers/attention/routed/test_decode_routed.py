@@ -11,6 +11,8 @@ row-independent, so this is also "the mixed-length batch equals each row alone".
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +31,15 @@ LENGTHS = (3, 17)  # prefilled tokens per row; the last decoded position is T - 
 
 
 def _module(kind: str, **fields):
-  """The layer on the reference backend (test_moba / test_nsa / test_dsa hold every backend to it); it
-  compiles in half the time of xla."""
+  """The layer on the reference backend (test_moba / test_nsa / test_dsa hold every backend to it; it compiles
+  in half the time of xla), its parameters drawn in NumPy (eager initialisers compile one kernel each)."""
   config = SparseAttentionConfig(block_size=8, backend="reference", **fields)
-  return make_routed(kind, dim=DIM, num_heads=H, num_kv_heads=KVH, head_dim=D, config=config, rope_theta=10_000.0,
-                     init_std=0.3, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  abstract = nnx.eval_shape(lambda: make_routed(
+      kind, dim=DIM, num_heads=H, num_kv_heads=KVH, head_dim=D, config=config, rope_theta=10_000.0, init_std=0.3,
+      dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(1)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype), state))
 
 
 def _inputs(seed: int):
@@ -136,3 +142,61 @@ def test_dsa_decode_equals_the_forward_at_every_position(seed, kind):
   _assert_equal_rel(got, full)
   assert set(cache) == {"k", "v", "index_k"} and cache["index_k"].shape == (B, MAX_LEN, 8)
   _assert_only_real_positions(cache, "index_k")
+
+
+def test_dsa_warmup_decodes_dense_as_its_forward(seed):
+  """The warm-up stage's forward is dense causal attention: its decode is dense too and keeps no indexer cache."""
+  module = _module("dsa", dsa=DSAConfig(**DSA, stage="warmup"))
+  full, got, cache = _decode_everything(module, seed)
+  _assert_equal_rel(got, full)
+  assert set(cache) == {"k", "v"}
+
+
+@pytest.mark.parametrize("kind", ["moba", "nsa", "dsa"])
+def test_bad_shapes_are_errors_before_any_work(kind):
+  module = _module(kind, moba=MoBAConfig(block_size=8, topk=3), nsa=NSAConfig(**NSA), dsa=DSAConfig(**DSA))
+  real, _ = _inputs(0)
+  cache = module.init_cache(B, 16)
+  positions = jnp.arange(T)
+  with pytest.raises(ValueError, match="max_len"):  # 48 prompt positions, a cache of 16
+    module.prefill(real["x"], real["q"], real["k"], real["v"], positions, jnp.asarray(LENGTHS), cache)
+  with pytest.raises(ValueError, match="lengths"):
+    module.prefill(real["x"][:, :8], real["q"][:, :8], real["k"][:, :8], real["v"][:, :8], positions[:8],
+                   jnp.asarray([3]), cache)
+  with pytest.raises(ValueError, match=r"positions must be int32 \[B=2\]"):
+    module.decode_step(real["x"][:, :1], real["q"][:, :1], real["k"][:, :1], real["v"][:, :1], jnp.zeros((2, 1)),
+                       cache)
+
+
+# Models with routed layers, decoded through models/decode.py (prefill + decode).
+MODEL_ATTENTION = SparseAttentionConfig(
+    backend="reference", block_size=8, window=16, moba=MoBAConfig(block_size=8, topk=2),
+    nsa=NSAConfig(**NSA), dsa=DSAConfig(**DSA))
+
+
+@pytest.mark.parametrize("pattern", [("moba",), pytest.param(("moba", "nsa", "dsa", "dsa_block"), marks=pytest.mark.slow)])
+def test_model_with_routed_layers_decodes_as_its_forward(pattern):
+  """models/decode.py's prefill + decode of a model with routed layers equal its forward's logits at every
+  position (the 4-kind model costs ~23 s of CPU: `pytest -m slow tests/layers/attention/routed/test_decode_routed.py`)."""
+  from sparseformer.models import decode, presets  # noqa: PLC0415
+  from sparseformer.models.decoder import DecoderLM  # noqa: PLC0415
+
+  config = dataclasses.replace(presets.tiny(), num_layers=len(pattern), d_model=32, max_seq_len=MAX_LEN,
+                               attention=MODEL_ATTENTION, attention_pattern=pattern)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(2)
+  model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.2, a.dtype), state))
+  tokens = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
+  full = np.asarray(jax.jit(lambda tokens: model(tokens)[0])(tokens))  # [B, T, V]
+  lengths = np.asarray(LENGTHS, np.int32)
+  prompt = np.where(np.arange(T)[None] < lengths[:, None], tokens, 0)  # pads are token 0, not the sequence
+  logits, cache = decode.prefill(model, prompt, lengths, decode.init_cache(model, B, MAX_LEN))
+  got = {(b, int(lengths[b]) - 1): np.asarray(logits[b]) for b in range(B)}
+  for step in range(T - min(LENGTHS)):
+    position = np.minimum(lengths + step, T - 1)
+    logits, cache = decode.decode(model, cache, tokens[np.arange(B), position])
+    for b in range(B):
+      if lengths[b] + step <= T - 1:
+        got[(b, int(lengths[b]) + step)] = np.asarray(logits[b])
+  want = np.stack([full[b, t] for (b, t) in got])
+  _assert_equal_rel(np.stack(list(got.values()))[:, None], want[:, None])
