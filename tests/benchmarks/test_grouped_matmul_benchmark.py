@@ -30,6 +30,7 @@ def test_markdown_reports_ratios_and_skips():
   assert "| 8 | 2 | dropless_pallas | skipped: budget | " in text
 
 
+@pytest.mark.slow  # benchmark plumbing (two reference compiles); suite budget
 def test_correctness_check_flags_a_wrong_kernel(monkeypatch):
   monkeypatch.setattr(bench, "gmm", lambda a, b, s, **_: bench.gmm_reference(a, b, s) * 1.1)
   check = bench.correctness(3, d_model=16, hidden=16, dtype=bench.jnp.float32, interpret=True, rows=40)
