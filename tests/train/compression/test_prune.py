@@ -1,55 +1,21 @@
 """The calibration pass against the model's own forward and NumPy; one-shot masks over a whole model."""
 
-import jax
-import jax.numpy as jnp
+import pathlib
+import sys
+
 import numpy as np
 import pytest
-from flax import nnx
 
-from sparseformer.layers.moe.config import MoEConfig
-from sparseformer.models.config import ModelConfig
-from sparseformer.models.decoder import DecoderLM
 from sparseformer.train.compression import prune, prune_masks
 
-CONFIG = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, max_seq_len=32, mlp_hidden=64,
-                     ffn_pattern=("dense", "moe"), moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32))
-
-
-def _model_and_tokens(seed=0):
-  """A random tiny model (initialised under jit) and tokens [2, 16]."""
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(CONFIG, rngs=nnx.Rngs(seed))), nnx.Param, ...)
-  params, extra = jax.jit(lambda: nnx.split(DecoderLM(CONFIG, rngs=nnx.Rngs(seed)), nnx.Param, ...)[1:])()
-  tokens = jax.random.randint(jax.random.key(seed + 1), (2, 16), 0, CONFIG.vocab_size)
-  return graphdef, params, extra, tokens
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import prune_helpers  # noqa: E402  (the shared tiny model)
 
 
 @pytest.fixture(scope="module")
 def probe():
-  """(params, outputs) of `_run_probe` for one tiny model, shared by this module's tests (one compile)."""
-  return _run_probe(0)
-
-
-def _run_probe(seed):
-  """One jitted pass: the calibration statistics, the walked and the real logits, and block-level activations."""
-  graphdef, params, extra, tokens = _model_and_tokens(seed)
-
-  @jax.jit
-  def probe(params, extra, tokens):
-    model = nnx.merge(graphdef, params, extra, copy=True)
-    model.eval()
-    stats, residuals = prune.block_statistics(model, tokens)
-    positions = jnp.arange(tokens.shape[1])
-    block0, block1 = model.blocks[0], model.blocks[1]
-    h0 = block0.attention_norm(model.embedding(tokens))
-    attended0, _ = block0.attention(h0, positions)
-    attended1, _ = block1.attention(block1.attention_norm(residuals[0]), positions)
-    return dict(stats=stats, logits=model(tokens)[0], walked=model.embedding.attend(model.final_norm(residuals[-1])),
-                h0=h0, attended0=attended0, ffn_in0=block0.ffn_norm(model.embedding(tokens) + attended0),
-                heads0=prune.attention_head_outputs(block0.attention, h0, positions),
-                moe_in=block1.ffn_norm(residuals[0] + attended1))
-
-  out = jax.tree.map(lambda a: np.asarray(a, np.float64), probe(params, extra, tokens))
-  return params, out
+  params, _, _, outputs = prune_helpers.probe()
+  return params, outputs
 
 
 def test_block_walk_equals_the_model_and_wanda_inputs_match_numpy(probe):
@@ -81,7 +47,7 @@ def test_moe_statistics_match_a_numpy_loop_over_assignments(probe):
   w_gate, w_up = named["blocks/1/ffn/w_gate"], named["blocks/1/ffn/w_up"]
   want_in, want_hidden, want_mass = np.zeros((4, 32)), np.zeros((4, 32)), np.zeros(4)
   for n in range(x.shape[0]):
-    top = np.argsort(-logits[n], kind="stable")[:2]
+    top = np.argsort(-(logits[n] + prune_helpers.SELECTION_BIAS), kind="stable")[:2]  # bias: selection only
     gates = np.exp(logits[n, top] - logits[n, top].max())
     gates /= gates.sum()  # topk normalisation of softmax scores = softmax over the picked logits
     for expert, gate_value in zip(top, gates):
@@ -93,7 +59,7 @@ def test_moe_statistics_match_a_numpy_loop_over_assignments(probe):
   np.testing.assert_allclose(stats["blocks/1/ffn/w_up"], want_in, rtol=1e-4)
   np.testing.assert_allclose(stats["blocks/1/ffn/w_down"], want_hidden, rtol=1e-4)
   np.testing.assert_allclose(stats["blocks/1/ffn#expert_mass"], want_mass, rtol=1e-4)
-  assert abs(want_mass.sum() - x.shape[0]) < 1e-6
+  assert abs(want_mass.sum() - x.shape[0]) < 1e-6 and np.all(want_mass[list(prune_helpers.DEAD_EXPERTS)] == 0)
 
 
 def test_one_shot_masks_have_the_exact_pattern_on_every_prunable_weight(probe):
