@@ -15,7 +15,8 @@ trainer's rules table places it on a mesh like the parameters:
 
 At every position decode equals the full forward pass (tests/models/test_decode.py). `prefill` and `decode`
 compile once per (model structure, shapes); the model is passed to them as nnx.split state, so repeated calls do
-not retrace. Both run the model in eval mode (`model.eval()`: no router jitter) and MoE layers dropless
+not retrace; `snapshot(model)` splits it once for a generation loop (prefill and decode take either). Both run
+the model in eval mode (`model.eval()`: no router jitter) and MoE layers dropless
 (`MoEFeedForward.infer`). The cache passed in is donated: its buffers are reused for the returned cache, so use
 only the returned one.
 """
@@ -23,6 +24,7 @@ only the returned one.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,9 +82,26 @@ def _decode_fn(graphdef):
   return jax.jit(run, donate_argnames=("cache",))
 
 
-def _split(model: DecoderLM):
-  model.eval()  # deterministic: no router jitter
-  return nnx.split(model)
+class Snapshot(NamedTuple):
+  """A model's eval-mode (graphdef, state), taken once (`snapshot`) for a loop of `decode` calls: splitting a
+  model costs host time every call (a graph walk), a snapshot none. Later changes to the model are not seen."""
+  graphdef: Any
+  state: Any
+  config: Any
+
+
+def snapshot(model: DecoderLM) -> Snapshot:
+  """`model` in eval mode (deterministic: no router jitter), split once; prefill and decode accept it."""
+  if isinstance(model, Snapshot):
+    return model
+  model.eval()
+  graphdef, state = nnx.split(model)
+  return Snapshot(graphdef, state, model.config)
+
+
+def _split(model):
+  frozen = snapshot(model)
+  return frozen.graphdef, frozen.state
 
 
 def _check_cache(cache: Cache, batch: int) -> tuple[np.ndarray, int]:
@@ -101,7 +120,7 @@ def _check_tokens(tokens: np.ndarray, model: DecoderLM) -> None:
                      f"[{tokens.min()}, {tokens.max()}].")
 
 
-def prefill(model: DecoderLM, tokens, lengths, cache: Cache) -> tuple[jax.Array, Cache]:
+def prefill(model: DecoderLM | Snapshot, tokens, lengths, cache: Cache) -> tuple[jax.Array, Cache]:
   """Runs the prompts tokens[b, :lengths[b]] (int32 [B, T], right-padded; 1 <= lengths[b] <= T <= max_len) into
   a fresh `cache` -> (logits f32 [B, V] at position lengths[b] - 1, cache holding positions 0..lengths[b] - 1 of
   every row and nothing of the pad positions)."""
@@ -126,7 +145,7 @@ def prefill(model: DecoderLM, tokens, lengths, cache: Cache) -> tuple[jax.Array,
   return _prefill_fn(graphdef)(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths_host, jnp.int32), cache)
 
 
-def decode(model: DecoderLM, cache: Cache, tokens) -> tuple[jax.Array, Cache]:
+def decode(model: DecoderLM | Snapshot, cache: Cache, tokens) -> tuple[jax.Array, Cache]:
   """Appends tokens int32 [B] at position cache["lengths"][b] of each row -> (logits f32 [B, V] there, cache)."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -140,4 +159,4 @@ def decode(model: DecoderLM, cache: Cache, tokens) -> tuple[jax.Array, Cache]:
   return _decode_fn(graphdef)(state, jnp.asarray(tokens, jnp.int32), cache)
 
 
-__all__ = ["Cache", "cache_logical_axes", "decode", "init_cache", "prefill"]
+__all__ = ["Cache", "Snapshot", "cache_logical_axes", "decode", "init_cache", "prefill", "snapshot"]

@@ -1,0 +1,134 @@
+"""models/decode.py: prefill + decode of a DecoderLM equal its forward pass at every position (sparse kinds with
+a per-head layout and a ring, dropless MoE and a capacity-configured MoE layer), a mixed-length batch equals each
+prompt decoded alone, bad input is a clear error, and the cache's logical axes go through the sharding rules."""
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparseformer.layers.attention.config import SparseAttentionConfig
+from sparseformer.layers.moe import layer as moe_layer
+from sparseformer.layers.moe.config import MoEConfig
+from sparseformer.models import decode
+from sparseformer.models.config import ModelConfig
+from sparseformer.models.decoder import DecoderLM
+from sparseformer.train import sharding
+
+SEQ, VOCAB = 48, 64
+ATTENTION = SparseAttentionConfig(backend="xla", block_size=8, window=8, num_global=8, num_random_blocks=1,
+                                  random_per_head=True, num_sinks=4)
+MOE = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, block_size=8)
+
+
+def _model(**changes) -> DecoderLM:
+  config = ModelConfig(**{**dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                                 max_seq_len=SEQ, attention=ATTENTION), **changes})
+  return DecoderLM(config, rngs=nnx.Rngs(0))
+
+
+def _tokens(batch: int) -> np.ndarray:
+  return np.random.default_rng(0).integers(0, VOCAB, (batch, SEQ)).astype(np.int32)
+
+
+def _run(model, tokens: np.ndarray, lengths: np.ndarray, prompt_len: int, steps: int) -> np.ndarray:
+  """Logits f32 [steps + 1, B, V]: prefill of tokens[b, :lengths[b]] then `steps` decodes of the true next
+  tokens; entry s of row b is at position lengths[b] - 1 + s."""
+  frozen = decode.snapshot(model)
+  cache = decode.init_cache(model, len(tokens), SEQ)
+  logits, cache = decode.prefill(frozen, tokens[:, :prompt_len], lengths, cache)
+  out = [np.asarray(logits)]
+  for step in range(steps):
+    logits, cache = decode.decode(frozen, cache, tokens[np.arange(len(tokens)), lengths + step])
+    out.append(np.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(cache["lengths"]), lengths + steps)
+  return np.stack(out)
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+  assert np.isfinite(actual).all() and np.isfinite(expected).all(), what
+  error = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+  assert error < 1e-5, f"{what}: relative error {error:.2e}"
+
+
+def _forward(model, tokens: np.ndarray) -> np.ndarray:
+  model.eval()
+  return np.asarray(model(jnp.asarray(tokens))[0])
+
+
+@pytest.fixture(scope="module")
+def sparse_moe_model():
+  """Layer 0 bigbird with per-head random blocks + dropless MoE, layer 1 local (window 8: the ring wraps)."""
+  return _model(attention_pattern=("bigbird", "local"), ffn_pattern=("moe", "dense"), moe=MOE)
+
+
+def test_decode_equals_forward_and_rows_equal_alone(sparse_moe_model):
+  model, tokens = sparse_moe_model, _tokens(2)
+  lengths = np.array([7, 20])
+  steps = SEQ - int(lengths.max())
+  full = _forward(model, tokens)
+  batched = _run(model, tokens, lengths, prompt_len=24, steps=steps)
+  for row, length in enumerate(lengths):
+    _assert_close(batched[:, row], full[row, length - 1 + np.arange(steps + 1)], f"row {row} vs forward")
+  alone = _run(model, tokens[:1], lengths[:1], prompt_len=int(lengths[0]), steps=steps)
+  _assert_close(alone[:, 0], batched[:, 0], "row 0 alone vs in the batch")
+
+
+def test_capacity_moe_layer_decodes_dropless(monkeypatch, caplog):
+  """A capacity layer whose forward drops nothing (capacity_factor 4) decodes equal to it, and says once that
+  it decodes dropless."""
+  monkeypatch.setattr(moe_layer, "_LOGGED_DROPLESS", set())
+  moe = dataclasses.replace(MOE, dispatch="capacity_scatter", capacity_factor=4.0)
+  model = _model(num_layers=2, attention_pattern=("global", "sinks"), ffn_pattern=("moe",), moe=moe)
+  tokens = _tokens(1)
+  model.eval()
+  full, aux = model(jnp.asarray(tokens))
+  for layer in range(2):
+    assert float(aux[f"layer{layer}/moe/dropped_fraction"]) == 0.0
+  with caplog.at_level(logging.INFO, logger=moe_layer.__name__):
+    decoded = _run(model, tokens, np.array([10]), prompt_len=10, steps=SEQ - 10)
+  _assert_close(decoded[:, 0], np.asarray(full)[0, 9:], "capacity layer vs forward")
+  notes = [record for record in caplog.records if "decodes with dropless dispatch" in record.getMessage()]
+  assert len(notes) == 1
+
+
+def test_bad_input_is_a_clear_error(sparse_moe_model):
+  model = sparse_moe_model
+  with pytest.raises(ValueError, match="max_len=49 exceeds model.max_seq_len=48"):
+    decode.init_cache(model, 1, SEQ + 1)
+  cache = decode.init_cache(model, 2, 16)
+  with pytest.raises(ValueError, match="more than the cache's max_len=16"):
+    decode.prefill(model, np.zeros((2, 17), np.int32), np.array([1, 17]), cache)
+  with pytest.raises(ValueError, match="every length must lie in"):
+    decode.prefill(model, np.zeros((2, 8), np.int32), np.array([0, 8]), cache)
+  with pytest.raises(ValueError, match="token ids must lie in"):
+    decode.prefill(model, np.full((2, 8), VOCAB, np.int32), np.array([8, 8]), cache)
+  full = dict(cache, lengths=jnp.array([3, 16], jnp.int32))
+  with pytest.raises(ValueError, match="row 1 already holds max_len=16"):
+    decode.decode(model, full, np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match="the cache holds 2 rows, the tokens 3"):
+    decode.decode(model, cache, np.zeros(3, np.int32))
+  expert_choice = dataclasses.replace(MOE, routing="expert_choice", dispatch="capacity_scatter",
+                                      allow_noncausal_routing=True)
+  with pytest.raises(ValueError, match="model.moe.routing='expert_choice'"):
+    decode.init_cache(_model(ffn_pattern=("moe",), moe=expert_choice), 1, SEQ)
+
+
+def test_cache_logical_axes_map_through_the_sharding_rules(sparse_moe_model):
+  cache = decode.init_cache(sparse_moe_model, 4, SEQ)
+  axes = decode.cache_logical_axes(sparse_moe_model, 4, SEQ)
+  is_axes = lambda node: isinstance(node, tuple)
+  assert jax.tree.structure(axes, is_leaf=is_axes) == jax.tree.structure(jax.tree.map(lambda _: (), cache),
+                                                                         is_leaf=is_axes)
+  mesh = jax.sharding.AbstractMesh((2, 1, 2, 1), ("data", "fsdp", "tensor", "expert"))
+  specs = jax.tree.map(lambda names, array: sharding.logical_to_spec(names, array.shape, mesh), axes, cache,
+                       is_leaf=is_axes)
+  for layer in ("layer0", "layer1"):
+    for name in ("k", "v"):
+      assert specs[layer][name] == jax.sharding.PartitionSpec("data", None, "tensor", None), (layer, name)
+  assert specs["lengths"] == jax.sharding.PartitionSpec("data")
+  assert cache["layer1"]["k"].shape == (4, 8, 2, 8)  # the local layer keeps a ring of `window` positions
