@@ -51,3 +51,37 @@ def config() -> RunConfig:
   train = TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=20, eval_every=100,
                       checkpoint_every=200, sample_tokens=0, progress_bar=False)
   return RunConfig(name="distill", model=model, data=data, train=train)
+
+
+def gap_closed(sweep_dir: str) -> dict:
+  """Per seed, the share of the teacher-student gap in final eval/loss that distillation closes:
+  (scratch - distill) / (scratch - teacher), the teacher's loss as each distill run logged it at its start (the
+  same validation batches); then the mean and sample std (ddof 1) over seeds."""
+  import math  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from sparseformer.train.sweeps import store  # pylint: disable=import-outside-toplevel
+
+  def final(seed_run: str, key: str) -> float:
+    values = [r[key] for r in store.read_records(os.path.join(sweep_dir, "runs", seed_run)) if key in r]
+    return values[-1] if values else math.nan
+
+  rows = {}
+  for seed in SWEEP["seeds"]:
+    scratch = final(f"scratch__lr=3e-3__seed={seed}", "eval/loss")
+    distilled = final(f"distill__lr=3e-3__seed={seed}", "eval/loss")
+    teacher = final(f"distill__lr=3e-3__seed={seed}", "distill/teacher_eval/loss")
+    rows[seed] = dict(scratch=scratch, distill=distilled, teacher=teacher,
+                      share=(scratch - distilled) / (scratch - teacher))
+  shares = [row["share"] for row in rows.values()]
+  return dict(seeds=rows, mean=float(np.mean(shares)),
+              std=float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan)
+
+
+if __name__ == "__main__":  # python -m sparseformer.experiments.distill sweeps/distill
+  import json  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  print(json.dumps(gap_closed(sys.argv[1]), indent=2))

@@ -198,7 +198,8 @@ def test_a_tiny_distillation_run_trains_and_leaves_the_teacher_unchanged(tmp_pat
   student's metrics.jsonl holds the distill/* and energy lines."""
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
   base = tiny_config(steps=2, log_every=1)
-  teacher_config = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=1, num_heads=2,
+  base = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=1))
+  teacher_config = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=2, num_heads=2,
                                                                          num_kv_heads=1))
   _write_run_config(teacher_dir, teacher_config)
   teacher_run = trainer.open_run(teacher_config, teacher_dir)
