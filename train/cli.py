@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
+from sparseformer.train import generate_command
 from sparseformer.train.compression import prune_command
+from sparseformer.train.compression import quantize_command
 from sparseformer.train.sweeps import commands as sweep_commands
 
 
@@ -33,15 +35,16 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="e.g. --set data.num_val_batches=32 (model fields must match the run)")
+  passkey = evaluate.add_argument_group("retrieval by generation (--task passkey, train/passkey_eval.py)")
+  passkey.add_argument("--task", choices=("passkey",), help="instead of validation loss: passkey accuracy grid")
+  passkey.add_argument("--lengths", default="256,512,1024", help="context lengths in bytes, <= max_seq_len")
+  passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1]")
+  passkey.add_argument("--samples", type=int, default=20, help="examples per (length, depth) cell")
+  passkey.add_argument("--out", help="a new directory for passkey.{csv,json,md,png} (default: the workdir)")
   _add_distributed_flags(evaluate)
 
-  sample = commands.add_parser("sample", help="generate text from a run's latest checkpoint")
-  sample.add_argument("--workdir", required=True)
-  sample.add_argument("--prompt", default="")
-  sample.add_argument("--tokens", type=int, default=200, help="tokens to generate")
-  sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-  sample.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
-  sample.add_argument("--seed", type=int, default=0)
+  sample = commands.add_parser("sample", help="generate text from a run's latest checkpoint (KV cache)")
+  generate_command.add_arguments(sample)
 
   commands.add_parser("experiments", help="list experiments with their commands")
 
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
   sweep_commands.add_parser(commands)
   prune_command.add_parser(commands)
+  quantize_command.add_parser(commands)
   return parser
 
 
@@ -77,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     return sweep_commands.run(args)
   if args.command == "prune":
     return prune_command.run(args)
+  if args.command == "quantize":
+    return quantize_command.run(args)
   import jax
 
   from sparseformer import experiments
@@ -104,6 +110,16 @@ def _run(args: argparse.Namespace) -> int:
     if distributed.is_multiprocess():  # every process reports, so a launcher can check that they agree
       print(f"[process {jax.process_index()}/{jax.process_count()}] summary {json.dumps(summary)}", flush=True)
     return 0
+  if args.command == "eval" and args.task == "passkey":
+    from sparseformer.train import passkey_eval
+    return passkey_eval.run(args)
+  if args.command in ("eval", "sample") and os.path.exists(os.path.join(args.workdir, "quantization.json")):
+    from sparseformer.train.compression import quantize_run  # a `sparseformer quantize` workdir
+    if args.command == "sample":
+      return quantize_run.sample(args)
+    config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)
+    trainer.log(json.dumps(quantize_run.evaluate_workdir(config, args.workdir)))
+    return 0
   if args.command == "eval":
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)
@@ -111,12 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     trainer.log(json.dumps(result))
     return 0
   if args.command == "sample":
-    config = trainer.load_run_config(args.workdir)
-    run = trainer.open_run(config, args.workdir, require_checkpoint=True)
-    print(trainer.sample_text(run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                              seed=args.seed))
-    run.checkpointer.close()
-    return 0
+    return generate_command.run(args)
   raise AssertionError(args.command)
 
 

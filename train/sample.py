@@ -1,4 +1,9 @@
-"""Plain autoregressive sampling (no KV cache yet: every token re-runs the window it sees)."""
+"""The recompute sampler: every new token re-runs the whole window it sees (O(T^2) per sequence).
+
+Kept ONLY as the slow, obvious reference that tests/train/test_generate.py holds train/generate.py (the KV-cache
+path that `sparseformer sample`, the trainer's end-of-run sample and the passkey eval use) equal to, and as the
+baseline of benchmarks/decode.py. Do not call it from the package.
+"""
 
 import functools
 

@@ -18,19 +18,18 @@ from sparseformer.models import flops as flops_lib
 from sparseformer.train import checkpoint as checkpoint_lib
 from sparseformer.train import energy as energy_lib
 from sparseformer.train import data as data_lib
+from sparseformer.train import generate
 from sparseformer.train import metrics as metrics_lib
 from sparseformer.train import optimizer as optimizer_lib
 from sparseformer.train import overrides
 from sparseformer.train import sharding as sharding_lib
 from sparseformer.train import state as state_lib
 from sparseformer.train import step as step_lib
-from sparseformer.train import tokenizer
 from sparseformer.train.compression import prune_masks
 from sparseformer.train.compression import teacher as teacher_lib
 from sparseformer.train.tasks import batches as task_batches
 from sparseformer.train.config import RunConfig
 from sparseformer.train.mesh import make_mesh
-from sparseformer.train.sample import sample_tokens
 
 # Fields a resumed run may change; any other difference from the stored config.json is an error.
 RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -38,7 +37,8 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
                      "model.attention.dsa.stage",  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
-                     "train.energy.")  # accounting only
+                     "train.energy.",  # accounting only
+                     "train.quantization.")  # QAT fine-tuning of a float run (same parameters)
 
 RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
 
@@ -162,6 +162,9 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
   with jax.set_mesh(mesh):
     setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
+    if config.train.quantization.scheme != "none":  # QAT: the forward pass sees quantized weights
+      from sparseformer.train.compression import qat  # pylint: disable=import-outside-toplevel
+      setup = qat.wrap_setup(setup, config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -368,11 +371,18 @@ def _log_teacher_eval(teacher: teacher_lib.Teacher, run: Run, val_sets: dict, wr
 
 def sample_text(run: Run, prompt: str, num_tokens: int, *, temperature: float = 0.8, top_k: int = 0,
                 seed: int = 0) -> str:
-  prompt_ids = tokenizer.encode(prompt)
+  """The prompt and its continuation over the KV cache (train/generate.py); a continuation that would not fit
+  model.max_seq_len is cut to fit, and the log says so (the end-of-run sample must not fail a finished run)."""
+  fits = run.config.model.max_seq_len - max(len(generate.prompt_ids(prompt)), 1) + 1
+  if num_tokens > fits:
+    log(f"Sample cut to {max(fits, 0)} tokens: {num_tokens} after the prompt exceed model.max_seq_len="
+        f"{run.config.model.max_seq_len}.")
+    num_tokens = fits
+  if num_tokens < 1:
+    return prompt
   with jax.set_mesh(run.mesh):
-    ids = sample_tokens(run.model(), prompt_ids, num_tokens=num_tokens, window=run.config.data.seq_len,
-                        temperature=temperature, top_k=top_k, seed=seed)
-  return tokenizer.decode(ids)
+    return generate.generate_text(run.model(), [prompt], max_new_tokens=num_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed)[0]
 
 
 def read_train_losses(workdir: str) -> dict[int, float]:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sparseformer.layers.moe import config as moe_config
-from sparseformer.train import checkpoint, sample, trainer
+from sparseformer.models import decode
+from sparseformer.train import checkpoint, trainer
 from sparseformer.train import metrics as metrics_lib
 from sparseformer.train.data import load_corpus
 
@@ -69,12 +70,12 @@ def test_eval_and_sample_from_a_workdir(text_corpus, tmp_path, tiny_config):
   assert result["loss"] == pytest.approx(summary["loss"], rel=1e-5)
   run = trainer.open_run(trainer.load_run_config(workdir), workdir, require_checkpoint=True)
   text = trainer.sample_text(run, "import ", 12, temperature=0.0)
-  misses = sample._next_token_fn.cache_info().misses
+  misses = decode._decode_fn.cache_info().misses  # pylint: disable=protected-access
   again = trainer.sample_text(run, "import ", 12, temperature=0.0)
   run.checkpointer.close()
   assert text.startswith("import ") and len(text.encode()) >= len("import ")
-  assert again == text  # greedy: same text, from the cached step (no new jit)
-  assert sample._next_token_fn.cache_info().misses == misses
+  assert again == text  # greedy: same text, from the cached decode step (no new jit)
+  assert decode._decode_fn.cache_info().misses == misses  # pylint: disable=protected-access
 
 
 def test_bad_inputs_fail_before_work_and_overwrite_nothing(text_corpus, tmp_path, tiny_config):
