@@ -37,8 +37,7 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
                      "model.attention.dsa.stage",  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
-                     "train.energy.",  # accounting only
-                     "train.quantization.")  # QAT fine-tuning of a float run (same parameters)
+                     "train.energy.")  # accounting only
 
 RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
 
@@ -162,9 +161,6 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
   with jax.set_mesh(mesh):
     setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
-    if config.train.quantization.scheme != "none":  # QAT: the forward pass sees quantized weights
-      from sparseformer.train.compression import qat  # pylint: disable=import-outside-toplevel
-      setup = qat.wrap_setup(setup, config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
