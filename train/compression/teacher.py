@@ -55,6 +55,10 @@ def check_teacher(config) -> tuple:
   if student_vocab != teacher_vocab:
     raise ValueError(f"train.distill.teacher={distill.teacher!r} has model.vocab_size={teacher_vocab} but the "
                      f"student has model.vocab_size={student_vocab}; distillation needs one vocabulary.")
+  if teacher_config.model.max_seq_len < config.data.seq_len:
+    raise ValueError(f"train.distill.teacher={distill.teacher!r} has model.max_seq_len="
+                     f"{teacher_config.model.max_seq_len}, below the student's data.seq_len={config.data.seq_len}; "
+                     "lower data.seq_len or use a teacher trained for longer sequences.")
   checkpoints = os.path.join(workdir, "checkpoints")
   steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()] if os.path.isdir(checkpoints) else []
   if not steps:

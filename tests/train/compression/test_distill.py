@@ -120,6 +120,11 @@ def test_teacher_errors_before_any_work(tmp_path, tiny_config):
   _write_run_config(tmp_path / "vocab", other_vocab)
   with pytest.raises(ValueError, match=r"has model.vocab_size=300 but the student has model.vocab_size=259"):
     trainer.train(_with_distill(student, tmp_path / "vocab"), str(tmp_path / "b"))
+  short = dataclasses.replace(student, model=dataclasses.replace(student.model, max_seq_len=32),
+                              data=dataclasses.replace(student.data, seq_len=32))
+  _write_run_config(tmp_path / "short", short)
+  with pytest.raises(ValueError, match=r"has model.max_seq_len=32, below the student's data.seq_len=64"):
+    trainer.train(_with_distill(student, tmp_path / "short"), str(tmp_path / "e"))
   _write_run_config(tmp_path / "untrained", student)
   with pytest.raises(ValueError, match=r"holds no checkpoint in .*; train the teacher first"):
     trainer.train(_with_distill(student, tmp_path / "untrained"), str(tmp_path / "c"))
@@ -128,7 +133,7 @@ def test_teacher_errors_before_any_work(tmp_path, tiny_config):
   os.makedirs(tmp_path / "wide" / "checkpoints" / "4")
   with pytest.raises(ValueError, match=r"student's model.d_model=64 differs from the teacher's 128"):
     trainer.train(_with_distill(student, tmp_path / "wide", hidden_weight=1.0), str(tmp_path / "d"))
-  assert not any(os.path.exists(tmp_path / name / "config.json") for name in "abcd")  # nothing written
+  assert not any(os.path.exists(tmp_path / name / "config.json") for name in "abcde")  # nothing written
 
 
 def _setup(model: ModelConfig, seed: int):
