@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparseformer.layers import weights
+
 
 class SwiGLU(nnx.Module):
   """y = (silu(x W_gate) * (x W_up)) W_down with hidden size `hidden`."""
@@ -22,7 +24,7 @@ class SwiGLU(nnx.Module):
     """[B, T, D] -> [B, T, D] in the compute dtype."""
     # One token axis M = B * T, as in Attention: XLA CPU transposes activations for a (B, T) weight gradient.
     tokens = einops.rearrange(x.astype(self.dtype), "B T D -> (B T) D")
-    gate = jnp.einsum("MD,DF->MF", tokens, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum("MD,DF->MF", tokens, self.w_up[...].astype(self.dtype))
-    out = jnp.einsum("MF,FD->MD", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    gate = jnp.einsum("MD,DF->MF", tokens, weights.for_matmul(self.w_gate, self.dtype))
+    up = jnp.einsum("MD,DF->MF", tokens, weights.for_matmul(self.w_up, self.dtype))
+    out = jnp.einsum("MF,FD->MD", jax.nn.silu(gate) * up, weights.for_matmul(self.w_down, self.dtype))
     return einops.rearrange(out, "(B T) D -> B T D", B=x.shape[0])

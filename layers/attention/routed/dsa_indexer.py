@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparseformer.layers import rope, routing
+from sparseformer.layers import rope, routing, weights
 
 _MASKED = -1e30  # finite stand-in for -inf (sums of masked scores stay finite)
 
@@ -60,13 +60,13 @@ class LightningIndexer(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array) -> IndexerFeatures:
     """x [B, T, D] (the caller detaches it where the stage asks), positions [T] or [B, T] -> features."""
     x = x.astype(self.dtype)
-    cast = lambda w: w[...].astype(self.dtype)  # noqa: E731
+    cast = lambda w: weights.for_matmul(w, self.dtype)  # noqa: E731
     q = jnp.einsum("btd,dhe->bthe", x, cast(self.wq), preferred_element_type=jnp.float32)
     k = jnp.einsum("btd,de->bte", x, cast(self.wk), preferred_element_type=jnp.float32)
     k = layer_norm(k, self.k_norm_scale[...], self.k_norm_bias[...])
     q = partial_rope(q, positions, self.rope_dim, self.rope_theta)
     k = partial_rope(k[:, :, None], positions, self.rope_dim, self.rope_theta)[:, :, 0]
-    weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), self.w_weights[...].astype(jnp.float32))
+    weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), weights.for_matmul(self.w_weights, jnp.float32))
     weights = weights * (self.index_heads ** -0.5 * self.index_head_dim ** -0.5)
     return IndexerFeatures(q, weights, k)
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparseformer.layers import rope
+from sparseformer.layers import rope, weights
 from sparseformer.layers.attention import backends, builders
 from sparseformer.layers.attention.routed import nsa_compress as nc
 from sparseformer.layers.attention.routed import decode_nsa, kv_major, selection
@@ -97,9 +97,11 @@ class NSAAttention(nnx.Module):
     """Per-head branch gates f32 [B, T, 3, H] in [0, 1] from x [B, T, dim] (eq. 5; order of BRANCHES)."""
     x = x.astype(self.dtype)
     if self.config.nsa.gate == "mlp":
-      hidden = jnp.einsum("BTD,DF->BTF", x, self.gate_w1[...].astype(self.dtype), preferred_element_type=jnp.float32)
+      hidden = jnp.einsum("BTD,DF->BTF", x, weights.for_matmul(self.gate_w1, self.dtype),
+                          preferred_element_type=jnp.float32)
       x = jax.nn.gelu(hidden + self.gate_b1[...].astype(jnp.float32)).astype(self.dtype)
-    logits = jnp.einsum("BTD,DCH->BTCH", x, self.gate_w[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,DCH->BTCH", x, weights.for_matmul(self.gate_w, self.dtype),
+                        preferred_element_type=jnp.float32)
     return jax.nn.sigmoid(logits + self.gate_b[...].astype(jnp.float32))
 
   def compression_mlp(self, name: str) -> dict | None:
@@ -109,7 +111,7 @@ class NSAAttention(nnx.Module):
     return {part: getattr(self, f"cmp_{name}_{part}")[...] for part in ("pe", "w1", "b1", "w2", "b2")}
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
-    return jnp.einsum("BTD,DNH->BTNH", x, getattr(self, name)[...].astype(self.dtype))
+    return jnp.einsum("BTD,DNH->BTNH", x, weights.for_matmul(getattr(self, name), self.dtype))
 
   def __call__(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.layers import routing
+from sparseformer.layers import routing, weights
 
 
 def num_compressed(seq_len: int, *, block: int, stride: int) -> int:
@@ -49,7 +49,7 @@ def compress(x: jax.Array, *, block: int, stride: int, mlp: dict | None = None) 
   windows = block_windows(x, block=block, stride=stride)  # [B, T_c, l, N, D]
   if mlp is None:
     return jnp.mean(windows.astype(jnp.float32), axis=2).astype(x.dtype)
-  cast = {name: value.astype(x.dtype) for name, value in mlp.items()}
+  cast = {name: value if weights.is_quantized(value) else value.astype(x.dtype) for name, value in mlp.items()}
   windows = windows + cast["pe"][None, None, :, None, :]
   hidden = jnp.einsum("BCLND,LDF->BCNF", windows, cast["w1"], preferred_element_type=jnp.float32)
   hidden = jax.nn.gelu(hidden + cast["b1"].astype(jnp.float32)).astype(x.dtype)
