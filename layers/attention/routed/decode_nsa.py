@@ -114,6 +114,8 @@ def prefill(module, x, q, k, v, positions, lengths, cache):
 def _compress_new_block(module, cache, positions):
   """cmp_k / cmp_v with block j = (p - l + 1) / d written in each row whose token p completes it."""
   nsa = module.config.nsa
+  if cache["cmp_k"].shape[1] == 0:  # max_len < l: no block ever completes
+    return cache["cmp_k"], cache["cmp_v"]
   block, stride = nsa.compress_block, nsa.compress_stride
   start = positions - block + 1
   complete = (start >= 0) & (start % stride == 0)
