@@ -28,7 +28,7 @@ MOE = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, block_size=8)
 def _model(**changes) -> DecoderLM:
   config = ModelConfig(**{**dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                                  max_seq_len=SEQ, attention=ATTENTION), **changes})
-  return DecoderLM(config, rngs=nnx.Rngs(0))
+  return nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()  # one compile, not one per initialiser
 
 
 def _tokens(batch: int) -> np.ndarray:
@@ -55,9 +55,11 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
   assert error < 1e-5, f"{what}: relative error {error:.2e}"
 
 
-def _forward(model, tokens: np.ndarray) -> np.ndarray:
+def _forward(model, tokens: np.ndarray) -> tuple[np.ndarray, dict]:
+  """The full forward pass in eval mode, jitted: (logits [B, T, V], aux)."""
   model.eval()
-  return np.asarray(model(jnp.asarray(tokens))[0])
+  logits, aux = nnx.jit(lambda model, tokens: model(tokens))(model, jnp.asarray(tokens))
+  return np.asarray(logits), aux
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_decode_equals_forward_and_rows_equal_alone(sparse_moe_model):
   model, tokens = sparse_moe_model, _tokens(2)
   lengths = np.array([7, 20])
   steps = SEQ - int(lengths.max())
-  full = _forward(model, tokens)
+  full, _ = _forward(model, tokens)
   batched = _run(model, tokens, lengths, prompt_len=24, steps=steps)
   for row, length in enumerate(lengths):
     _assert_close(batched[:, row], full[row, length - 1 + np.arange(steps + 1)], f"row {row} vs forward")
@@ -79,19 +81,25 @@ def test_decode_equals_forward_and_rows_equal_alone(sparse_moe_model):
 
 
 def test_capacity_moe_layer_decodes_dropless(monkeypatch, caplog):
-  """A capacity layer whose forward drops nothing (capacity_factor 4) decodes equal to it, and says once that
-  it decodes dropless."""
+  """A capacity layer whose forward drops nothing (capacity_factor 4) gives the same outputs through `infer` (the
+  prefill / decode path), token by token as a decode step sees them, and says once that it decodes dropless."""
   monkeypatch.setattr(moe_layer, "_LOGGED_DROPLESS", set())
-  moe = dataclasses.replace(MOE, dispatch="capacity_scatter", capacity_factor=4.0)
-  model = _model(num_layers=2, attention_pattern=("global", "sinks"), ffn_pattern=("moe",), moe=moe)
-  tokens = _tokens(1)
-  model.eval()
-  full, aux = model(jnp.asarray(tokens))
-  for layer in range(2):
-    assert float(aux[f"layer{layer}/moe/dropped_fraction"]) == 0.0
+  config = dataclasses.replace(MOE, dispatch="capacity_scatter", capacity_factor=4.0)
+  layer = nnx.jit(lambda: moe_layer.MoEFeedForward(32, config, rngs=nnx.Rngs(0)))()
+  layer.eval()
+  x = jax.random.normal(jax.random.key(2), (2, SEQ, 32), jnp.float32)
+
+  @nnx.jit
+  def run(layer, x):
+    y, aux = layer(x)
+    one_at_a_time = jax.vmap(lambda x_t: layer.infer(x_t[:, None]), in_axes=1, out_axes=1)(x)[:, :, 0]
+    return y, aux["dropped_fraction"], layer.infer(x), one_at_a_time
+
   with caplog.at_level(logging.INFO, logger=moe_layer.__name__):
-    decoded = _run(model, tokens, np.array([10]), prompt_len=10, steps=SEQ - 10)
-  _assert_close(decoded[:, 0], np.asarray(full)[0, 9:], "capacity layer vs forward")
+    y, dropped, inferred, stepped = (np.asarray(a) for a in run(layer, x))
+  assert dropped == 0.0
+  _assert_close(inferred, y, "infer vs forward")
+  _assert_close(stepped, y, "infer one token at a time vs forward")
   notes = [record for record in caplog.records if "decodes with dropless dispatch" in record.getMessage()]
   assert len(notes) == 1
 
