@@ -111,19 +111,21 @@ def test_decode_equals_forward_at_every_position(case):
   assert cache["k"].shape == cache["v"].shape == (BATCH, slots, KV_HEADS, HEAD_DIM), case
 
 
-def test_ring_prefill_keeps_only_real_positions():
-  """A prompt longer than the ring keeps its last `window` real positions; pads write nothing."""
-  layer = _layer("local", BASE)
+def test_prefill_keeps_only_real_positions():
+  """A prompt longer than the ring keeps its last `window` real positions; pads write nothing (ring or prefix)."""
   k = jnp.arange(1, PROMPT + 1, dtype=jnp.float32)[None, :, None, None] * jnp.ones((BATCH, 1, KV_HEADS, HEAD_DIM))
-  cache = layer.init_cache(BATCH, SEQ)
-  written = jax.jit(lambda cache, k: cache_lib.write_prefill("local", BASE, cache, k, k, jnp.asarray(LENGTHS)))(
-      cache, k)
-  held = np.asarray(written["k"])[:, :, 0, 0]  # position + 1 per slot, 0 = empty
-  expected = np.zeros((BATCH, 8))
+  caches = {kind: _layer(kind, BASE).init_cache(BATCH, SEQ) for kind in ("local", "global")}
+  write = jax.jit(lambda caches, k: {kind: cache_lib.write_prefill(kind, BASE, cache, k, k, jnp.asarray(LENGTHS))
+                                     for kind, cache in caches.items()})
+  written = jax.tree.map(np.asarray, write(caches, k))
+  expected = {"local": np.zeros((BATCH, 8)), "global": np.zeros((BATCH, SEQ))}  # position + 1 per slot, 0 = empty
   for row, length in enumerate(LENGTHS):
     for position in range(max(0, length - 8), length):
-      expected[row, position % 8] = position + 1
-  np.testing.assert_array_equal(held, expected)
+      expected["local"][row, position % 8] = position + 1
+    expected["global"][row, :length] = np.arange(1, length + 1)
+  for kind in expected:
+    for name in ("k", "v"):
+      np.testing.assert_array_equal(written[kind][name][:, :, 0, 0], expected[kind], err_msg=f"{kind} {name}")
 
 
 def test_routed_kind_without_decode_is_a_clear_error():
