@@ -66,9 +66,9 @@ class LightningIndexer(nnx.Module):
     k = layer_norm(k, self.k_norm_scale[...], self.k_norm_bias[...])
     q = partial_rope(q, positions, self.rope_dim, self.rope_theta)
     k = partial_rope(k[:, :, None], positions, self.rope_dim, self.rope_theta)[:, :, 0]
-    weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), weights.for_matmul(self.w_weights, jnp.float32))
-    weights = weights * (self.index_heads ** -0.5 * self.index_head_dim ** -0.5)
-    return IndexerFeatures(q, weights, k)
+    head_weights = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), weights.for_matmul(self.w_weights, jnp.float32))
+    head_weights = head_weights * (self.index_heads ** -0.5 * self.index_head_dim ** -0.5)
+    return IndexerFeatures(q, head_weights, k)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
