@@ -104,7 +104,7 @@ def _quantize_workdir(config, scheme, args, source: str, partial: str, out: str)
       calibration = [np.asarray(next(batches)["inputs"]) for _ in range(args.calibration_batches)]
     original = trainer.evaluate(run, val_sets)
     step = int(run.state.step)
-    params, extra = jax.device_get(run.state.params), jax.device_get(run.state.extra)
+    params, extra = run.state.params, run.state.extra
   finally:
     run.checkpointer.close()
 

@@ -97,5 +97,5 @@ def is_matrix_weight(path: str, ndim: int, *, quantize_embeddings: bool) -> bool
   if ndim < 2 or re.search(r"(^|/)router(/|$)", path):
     return False
   if path.startswith("blocks/"):
-    return not re.search(r"(_bias|_b\d|/b\d|_pe|scale)$", path)
+    return not re.search(r"(_bias|_b\d*|_pe|scale)$", path)
   return quantize_embeddings and path in ("embedding/table", "lm_head")
