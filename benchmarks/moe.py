@@ -201,7 +201,9 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64, 128])
   parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
-  parser.add_argument("--dispatch", nargs="+", default=list(DISPATCHES), choices=DISPATCHES)
+  parser.add_argument("--dispatch", nargs="+", default=None, choices=DISPATCHES,
+                      help="default: every dispatch; on CPU all but dropless_pallas (its interpret mode is a "
+                           "correctness path, not a speed one)")
   parser.add_argument("--tokens", type=int, default=4096)
   parser.add_argument("--d-model", type=int, default=256)
   parser.add_argument("--hidden", type=int, default=1024, help="hidden size F of one expert")
@@ -216,6 +218,9 @@ def main(argv=None) -> None:
   parser.add_argument("--json", help="write the rows here")
   parser.add_argument("--markdown", help="write a markdown table here")
   args = parser.parse_args(argv)
+  if args.dispatch is None:
+    on_cpu = jax.default_backend() == "cpu"
+    args.dispatch = [name for name in DISPATCHES if not (on_cpu and name == "dropless_pallas")]
   header = (f"MoE fwd+bwd vs dense SwiGLU (hidden k*F), T={args.tokens}, D={args.d_model}, F={args.hidden}, "
             f"{args.dtype}, capacity factor 1.25, dropless_gather block {args.block_size} schedule "
             f"{args.gather_schedule}, routing {args.routing}"
