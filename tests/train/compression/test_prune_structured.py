@@ -72,3 +72,11 @@ def test_structured_pruning_rejects_counts_that_break_the_config():
     prune_structured.check_expert_pruning(dataclasses.replace(CONFIG, ffn_pattern=("dense",)), 1)
   mha = dataclasses.replace(CONFIG, num_kv_heads=4)
   assert prune_structured.check_head_pruning(mha, 1, seq_len=16).num_kv_heads == 3  # MHA: K / V heads go too
+
+
+def test_gqa_head_choice_takes_the_same_count_from_every_kv_group():
+  # The two least important heads (0 and 1) share KV group 0: GQA drops one per group instead.
+  stats = {f"blocks/{layer}/attention#head_norm": np.array([0.1, 0.2, 5.0, 0.3]) for layer in range(2)}
+  slices = prune_structured.head_slices(stats, CONFIG, 2)
+  np.testing.assert_array_equal(slices["blocks/0/attention/wq"][1], [1, 2])
+  assert "blocks/0/attention/wk" not in slices  # K / V heads stay under GQA
