@@ -71,3 +71,10 @@ def test_bad_nm_is_rejected():
   for text in ("2-4", "4:2", "0:4", "x"):
     with pytest.raises(ValueError, match="--nm"):
       prune_scores.parse_nm(text)
+
+
+def test_wanda_with_equal_input_norms_is_magnitude_per_output():
+  weight = _random((2, 8, 6), seed=5)
+  uniform = prune_scores.wanda_scores(weight, np.full((2, 8), 3.0, np.float32))
+  np.testing.assert_array_equal(prune_scores.per_output_mask(uniform, 0.5),
+                                prune_scores.per_output_mask(np.abs(weight), 0.5))
