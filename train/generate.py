@@ -120,9 +120,9 @@ def generate(model: nnx.Module, prompts: list, *, max_new_tokens: int, temperatu
   vocab_limit = model.config.vocab_size if vocab_limit is None else vocab_limit
   settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(vocab_limit))
   rows = np.arange(batch, dtype=np.int32)
-  model.eval()
   cache = decode_lib.init_cache(model, batch, max_len)
-  logits, cache = decode_lib.prefill(model, tokens, lengths, cache)
+  frozen = decode_lib.snapshot(model)  # eval mode, split once for the whole loop
+  logits, cache = decode_lib.prefill(frozen, tokens, lengths, cache)
   generated = [[] for _ in range(batch)]
   done = np.zeros(batch, bool)
   for step in range(max_new_tokens):
@@ -132,7 +132,7 @@ def generate(model: nnx.Module, prompts: list, *, max_new_tokens: int, temperatu
       done[row] = eos_id is not None and chosen[row] == eos_id
     if done.all() or step == max_new_tokens - 1:
       break
-    logits, cache = decode_lib.decode(model, cache, chosen)  # stopped rows decode too; their ids are dropped
+    logits, cache = decode_lib.decode(frozen, cache, chosen)  # stopped rows decode too; their ids are dropped
   return [np.asarray(row, np.int32) for row in generated]
 
 
