@@ -7,6 +7,7 @@ import sys
 
 from sparseformer.train import generate_command
 from sparseformer.train.compression import prune_command
+from sparseformer.train.compression import quantize_command
 from sparseformer.train.sweeps import commands as sweep_commands
 
 
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
   sweep_commands.add_parser(commands)
   prune_command.add_parser(commands)
+  quantize_command.add_parser(commands)
   return parser
 
 
@@ -79,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     return sweep_commands.run(args)
   if args.command == "prune":
     return prune_command.run(args)
+  if args.command == "quantize":
+    return quantize_command.run(args)
   import jax
 
   from sparseformer import experiments
@@ -109,6 +113,13 @@ def _run(args: argparse.Namespace) -> int:
   if args.command == "eval" and args.task == "passkey":
     from sparseformer.train import passkey_eval
     return passkey_eval.run(args)
+  if args.command in ("eval", "sample") and os.path.exists(os.path.join(args.workdir, "quantization.json")):
+    from sparseformer.train.compression import quantize_run  # a `sparseformer quantize` workdir
+    if args.command == "sample":
+      return quantize_run.sample(args)
+    config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)
+    trainer.log(json.dumps(quantize_run.evaluate_workdir(config, args.workdir)))
+    return 0
   if args.command == "eval":
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = overrides.apply_overrides(trainer.load_run_config(args.workdir), args.overrides)

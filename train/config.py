@@ -4,6 +4,7 @@ import dataclasses
 
 from sparseformer.models.config import ModelConfig
 from sparseformer.train.compression.prune_masks import PruningConfig
+from sparseformer.train.compression.quantize_config import QuantizationConfig
 from sparseformer.train.compression.distill_config import DistillConfig
 from sparseformer.train.data_config import DataConfig
 from sparseformer.train.energy import EnergyConfig
@@ -35,6 +36,7 @@ class TrainConfig:
   sample_prompt: str = "def "  # prompt of the sample printed at the end of training
   sample_tokens: int = 200  # tokens generated for that sample
   progress_bar: bool = True  # tqdm progress bar on process 0
+  quantization: QuantizationConfig = QuantizationConfig()  # quantization-aware training (off by default)
   distill: DistillConfig = DistillConfig()  # knowledge distillation from a frozen teacher run (off by default)
   energy: EnergyConfig = EnergyConfig()  # energy and CO2e accounting of the run
   prune_masks: str = ""  # workdir (or .npz) of `sparseformer prune`: its masks re-applied after every step

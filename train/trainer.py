@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "train.sample_tokens", "data.num_val_batches", "data.cache_dir", "mesh.",
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
                      "model.attention.dsa.stage",  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
-                     "train.energy.")  # accounting only
+                     "train.energy.",  # accounting only
+                     "train.quantization.")  # QAT fine-tuning of a float run (same parameters)
 
 RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
 
@@ -161,6 +162,9 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
   # Under the mesh context, layers that shard by hand (MoE expert parallelism) see the mesh.
   with jax.set_mesh(mesh):
     setup = state_lib.setup_model(config.model, optimizer, mesh, config.train.seed)
+    if config.train.quantization.scheme != "none":  # QAT: the forward pass sees quantized weights
+      from sparseformer.train.compression import qat  # pylint: disable=import-outside-toplevel
+      setup = qat.wrap_setup(setup, config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -227,6 +231,9 @@ def train(config: RunConfig, workdir: str, *, devices: list | None = None) -> di
   """Trains (or resumes) the run in `workdir`; returns the final summary. See DESIGN.md, "A training run"."""
   # --- Setup: validate everything that can fail before any work is done.
   workdir = checkpoint_lib.check_workdir(workdir)
+  if os.path.exists(os.path.join(workdir, "quantization.json")):
+    raise ValueError(f"{workdir} holds a post-training-quantized model (`sparseformer quantize`), for eval and "
+                     "sample only; train the float run (QAT: --set train.quantization.scheme=int8).")
   if config.train.distill.enabled:
     teacher_lib.check_teacher(config)  # a missing teacher, another vocabulary, no checkpoint: errors now
   corpus = data_lib.load_source(config.data)  # None for a task

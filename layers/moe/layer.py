@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseformer.layers import routing
+from sparseformer.layers.weights import dequantized
 from sparseformer.layers.moe import parallel as moe_parallel
 from sparseformer.layers.moe.config import MoEConfig
 from sparseformer.layers.moe.grouped import swiglu
@@ -99,8 +100,9 @@ class MoEFeedForward(nnx.Module):
       self.shared_gate = self.shared_up = self.shared_down = None
 
   def expert_weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(w_gate, w_up, w_down) in the compute dtype."""
-    return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+    """(w_gate, w_up, w_down) in the compute dtype; stacks quantized by PTQ are dequantized here (the dispatch
+    paths index and gather them, which qwix cannot intercept), so experts compute weight-only quantized."""
+    return tuple(dequantized(w, self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     config = self.config
@@ -153,7 +155,7 @@ class MoEFeedForward(nnx.Module):
       dropped_fraction = 1.0 - jnp.mean(taken[:, :group_size].astype(jnp.float32))
 
     if self.shared_gate is not None:
-      shared = swiglu(x_flat, *(w[...].astype(self.dtype) for w in
+      shared = swiglu(x_flat, *(dequantized(w, self.dtype) for w in
                                 (self.shared_gate, self.shared_up, self.shared_down)))
       y = y + shared
     load = jax.lax.stop_gradient(load)
