@@ -27,6 +27,7 @@ def test_polynomial_schedule_is_zhu_and_gupta_eq1():
   np.testing.assert_allclose(np.asarray(prune_masks.polynomial_sparsity(steps, config)), want, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~5 s of CPU (compiles the masked update); run: pytest -m slow -k gradual
 def test_gradual_pruning_reaches_the_target_and_keeps_pruned_weights_zero():
   config = prune_masks.PruningConfig(method="magnitude", target_sparsity=0.5, start_step=2, end_step=6, every=2)
   params = nnx.state(_Tiny(), nnx.Param)
