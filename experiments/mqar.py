@@ -1,7 +1,16 @@
 """MQAR (multi-query associative recall): Zoology's Figure 2 setting, scaled for CPU, over attention kinds.
 
     sparseformer train --experiment mqar --variant global          # one run: d_model 64, (seq_len 64, 4 pairs)
-    sparseformer sweep run --experiment mqar --out sweeps/mqar     # the SWEEP below: 4 kinds x 3 x 3 x 4 LRs x 3 seeds
+    sparseformer sweep run --experiment mqar --out sweeps/mqar --parallel 2   # the full SWEEP (GPU): see below
+    sparseformer sweep report sweeps/mqar
+
+The CPU study (one grid point, d_model 64 at (64, 4); 7 kinds x 2 learning rates x 1 seed = 14 runs of 2,000
+steps; size estimate below):
+    sparseformer sweep run --experiment mqar --out sweeps/mqar_cpu --parallel 2 --set model.d_model=64 \
+      --set data.seq_len=64 --seeds 0 --learning-rates 2.2e-3,1e-2
+    sparseformer sweep report sweeps/mqar_cpu
+The full SWEEP is Zoology's grid, 7 kinds x 3 widths x 3 lengths x 4 LRs x 3 seeds = 756 runs: a GPU job
+(add --set train.steps=... to fit the time there).
 
 Zoology (Arora et al. 2023, arXiv:2312.04927, Figure 2) trains 2-layer models of width 64..512 on MQAR at
 (seq_len, kv pairs) = (64, 4), (128, 8), (256, 16) (and 512, 64), vocabulary 8192, best of 4 learning rates
@@ -19,8 +28,24 @@ Attention kinds (block size 16), keys visited per query in brackets, budget-matc
   local_w48  sliding window of 48 [48]: reaches most pairs at (64, 4), fewer at (256, 16)
   bigbird    window 16 + 16 global tokens + 1 random block of 16 [48, as local_w48]: the global tokens
              hold the first pairs, the window and random block the rest only by chance
+  moba       MoBA, key blocks of 8, top-6 counting the own block [48 at the last position: own block up to t
+             + 5 chosen whole blocks; block 8, not the layout's 16: with blocks of 16 a (64, 4) example has 4
+             blocks and top-3 would leave at most one block unchosen, no real choice; with 8 it picks 5 of up
+             to 7 past blocks at T = 64, 5 of 31 at T = 256]
+  nsa        NSA, l = d = l' = 8 (compressed blocks of 8 at stride 8; selection blocks of 8), n = 4 selected
+             counting the own block (init_blocks 0, local_blocks 1: 3 chosen freely), window 8 [T/8 compressed
+             + 32 selected + 8 window = 48 at T = 64, 56 at 128, 72 at 256: the compressed branch grows with T
+             by design (NSA eq. 7), so NSA's budget is matched at (64, 4) only]
+  dsa        DSA, a 2 x 16 lightning indexer (RoPE on 8 of its dims) picking the top-48 keys per query (token
+             level), sparse stage from step 0 with the indexer KL loss [48, plus the indexer's score of every
+             past key at 2 x 16 / (2 x 1 x head_dim) of a pair's attention cost]
+The budgets are keys visited per query from each kind's fields (models/flops.py routed_density gives the mean
+over positions; tests/experiments/test_studies.py holds moba and dsa at local_w48's mean within 10 %).
+No MQAR results are published for MoBA, NSA or DSA: ours would be the first.
 Expect (Zoology): global >= 99 % eval/example_accuracy at every size once trained long enough; local_w16 far
-below at every size; local_w48 near global at (64, 4), falling with length; bigbird between the windows.
+below at every size; local_w48 near global at (64, 4), falling with length; bigbird between the windows; the
+routed kinds (no published anchor) can reach any pair if their router learns to find the key's block, so
+they could match global where local_w48 falls off, or stay at the windows' level if routing is not learned.
 Measured here so far (2026-12-01, shared 2-core CPU, global attention, d_model 64, (64, 4)): NOT yet high
 accuracy. 800 steps (vocabulary 128, batch 64, 2 heads, lr 3e-3) and 1,500 steps (vocabulary 256, batch 32,
 2 heads, lr 1e-2) both stay on the pre-recall plateau: token accuracy 20-26 % (about 1 / num_kv_pairs: the
@@ -50,6 +75,14 @@ VARIANTS = {
     "local_w48": ["model.attention_pattern=('local',)", "model.attention.window=48"],
     "bigbird": ["model.attention_pattern=('bigbird',)", "model.attention.window=16", "model.attention.num_global=16",
                 "model.attention.num_random_blocks=1"],
+    "moba": ["model.attention_pattern=('moba',)", "model.attention.moba.block_size=8", "model.attention.moba.topk=6"],
+    "nsa": ["model.attention_pattern=('nsa',)", "model.attention.nsa.compress_block=8",
+            "model.attention.nsa.compress_stride=8", "model.attention.nsa.select_block=8",
+            "model.attention.nsa.num_selected=4", "model.attention.nsa.init_blocks=0",
+            "model.attention.nsa.local_blocks=1", "model.attention.nsa.window=8"],
+    "dsa": ["model.attention_pattern=('dsa',)", "model.attention.dsa.index_heads=2",
+            "model.attention.dsa.index_head_dim=16", "model.attention.dsa.rope_dim=8", "model.attention.dsa.topk=48",
+            "model.attention.dsa.key_chunk=64", "model.attention.dsa.query_chunk=64"],
 }
 
 SWEEP = dict(
