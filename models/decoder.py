@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseformer.layers.attention import Attention
+from sparseformer.layers import weights
 from sparseformer.layers.embedding import Embedding
 from sparseformer.layers.mlp import SwiGLU
 from sparseformer.layers.moe import MoEFeedForward
@@ -51,7 +52,6 @@ class Block(nnx.Module):
         else:
           aux[f"{prefix}/{name}"] = value
     return x + y, aux
-
 
   def prefill(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """__call__ over a right-padded prompt that also fills this block's KV cache (Attention.prefill); an MoE
@@ -108,11 +108,7 @@ class DecoderLM(nnx.Module):
           aux_loss = aux_loss + value
         else:
           metrics[f"layer{layer}/{name}"] = value
-    x = self.final_norm(x)
-    if config.tie_embeddings:
-      logits = self.embedding.attend(x)
-    else:
-      logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = self._logits(x)
     if return_hidden:
       return logits, {"aux_loss": aux_loss, **metrics}, hidden
     return logits, {"aux_loss": aux_loss, **metrics}
@@ -145,5 +141,6 @@ class DecoderLM(nnx.Module):
     """Final norm and output projection: [B, T, D] -> f32 [B, T, V]."""
     x = self.final_norm(x)
     if self.config.tie_embeddings:
-      return self.embedding.attend(x).astype(jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      return self.embedding.attend(x)  # f32 already
+    return jnp.einsum("BTD,DV->BTV", x, weights.for_matmul(self.lm_head, x.dtype),
+                      preferred_element_type=jnp.float32)

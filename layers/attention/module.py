@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparseformer.layers import rope
+from sparseformer.layers import weights
 from sparseformer.layers.attention import backends, kinds
 from sparseformer.layers.attention import cache as cache_lib
 from sparseformer.layers.attention.config import SparseAttentionConfig
@@ -68,8 +69,8 @@ class Attention(nnx.Module):
     # Tokens flattened into one axis M = B * T: the weight gradients then contract a single axis, which XLA CPU
     # runs without the transposes it inserts for a (B, T) contraction (~10 % of a layer's fwd+bwd).
     tokens = einops.rearrange(x.astype(self.dtype), "B T D -> (B T) D")
-    q, k, v = (einops.rearrange(jnp.einsum("MD,DNH->MNH", tokens, w[...].astype(self.dtype)), "(B T) N H -> B T N H",
-                                B=batch) for w in (self.wq, self.wk, self.wv))
+    q, k, v = (einops.rearrange(jnp.einsum("MD,DNH->MNH", tokens, weights.for_matmul(w, self.dtype)),
+                                "(B T) N H -> B T N H", B=batch) for w in (self.wq, self.wk, self.wv))
     q = rope.apply_rope(q, positions, theta=self.rope_theta)
     k = rope.apply_rope(k, positions, theta=self.rope_theta)
     return q, k, v
@@ -77,9 +78,12 @@ class Attention(nnx.Module):
   def _project_out(self, out: jax.Array) -> jax.Array:
     """[B, T, N, H] -> [B, T, D] through wo."""
     batch = out.shape[0]
-    out = einops.rearrange(out, "B T N H -> (B T) N H")
-    return einops.rearrange(jnp.einsum("MNH,NHD->MD", out, self.wo[...].astype(self.dtype)), "(B T) D -> B T D",
-                            B=batch)
+    # Heads and head_dim contracted as one axis K = N * H: the same product, and the one form qwix can tile into
+    # groups and calibrate for GPTQ (a quantized wo is stored as [K, D]).
+    num_heads, head_dim = out.shape[-2:]
+    out = einops.rearrange(out, "B T N H -> (B T) (N H)")
+    wo = weights.for_matmul(self.wo, self.dtype).reshape(num_heads * head_dim, self.wo.shape[-1])
+    return einops.rearrange(jnp.einsum("MK,KD->MD", out, wo), "(B T) D -> B T D", B=batch)
 
   def _sparse_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     layout = kinds.build_layout(self.kind, self.sparse_config, seq_len=q.shape[1], num_heads=self.num_heads,

@@ -104,6 +104,10 @@ class MoEFeedForward(nnx.Module):
     paths index and gather them, which qwix cannot intercept), so experts compute weight-only quantized."""
     return tuple(dequantized(w, self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
+  def _shared_expert(self, x_flat: jax.Array) -> jax.Array:
+    """The always-on shared experts (dequantized like the routed stacks when PTQ quantized them)."""
+    return swiglu(x_flat, *(dequantized(w, self.dtype) for w in (self.shared_gate, self.shared_up, self.shared_down)))
+
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     config = self.config
     batch, length, dim = x.shape
@@ -155,9 +159,7 @@ class MoEFeedForward(nnx.Module):
       dropped_fraction = 1.0 - jnp.mean(taken[:, :group_size].astype(jnp.float32))
 
     if self.shared_gate is not None:
-      shared = swiglu(x_flat, *(dequantized(w, self.dtype) for w in
-                                (self.shared_gate, self.shared_up, self.shared_down)))
-      y = y + shared
+      y = y + self._shared_expert(x_flat)
     load = jax.lax.stop_gradient(load)
     self.router.load[...] = load
     aux = self._losses_and_metrics(logits, scores, expert_index, valid, load, dropped_fraction, batch)
@@ -195,8 +197,7 @@ class MoEFeedForward(nnx.Module):
       y, _ = moe_parallel.sharded_token_choice(x_flat, routed.expert_index, routed.gates, self.expert_weights(),
                                                plan=plan, **options)
     if self.shared_gate is not None:
-      y = y + swiglu(x_flat, *(w[...].astype(self.dtype) for w in (self.shared_gate, self.shared_up,
-                                                                    self.shared_down)))
+      y = y + self._shared_expert(x_flat)
     return y.reshape(batch, length, dim).astype(self.dtype)
 
   def _losses_and_metrics(self, logits, scores, expert_index, valid, load, dropped_fraction, batch):
