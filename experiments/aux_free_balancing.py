@@ -17,7 +17,7 @@ token is dropped, so MaxVio measures routing imbalance alone). Variants:
   none      aux_loss_alpha = 0, no bias
   aux_loss  Switch load-balance loss, alpha = 0.01
   bias      aux_loss_alpha = 0, selection_bias = True, bias_update_rate u = 1e-3
-Scaled down: 1B parameters / 100B tokens become ~1 M / 3.3 M tokens (800 steps of 4,096); one learning rate
+Scaled down: 1B parameters / 100B tokens become ~1 M / 3.3 M tokens (750 steps of 4,096); one learning rate
 (3e-3, the quickstart's), 2 seeds.
 
 Metrics: eval/loss and eval/bits_per_byte (report tables), and per MoE layer `train/layer1/moe/max_violation`
@@ -26,16 +26,18 @@ log_every steps to metrics.jsonl / TensorBoard), `train/layer{1,3}/moe/expert_lo
 tabulate train-side MoE metrics: read MaxVio over training from metrics.jsonl (the paper's global MaxVio over
 the validation set is not logged).
 
-Size (3 variants x 1 learning rate x 2 seeds = 6 runs of 800 steps): see STEP_SECONDS_QUIET (12-step probes on
-2 shared x86-64 cores loaded by 6 other helpers, divided by the ~3.7x load factor of a quickstart probe; commands
-in docs/results/README.md). Estimated quiet wall time at --parallel 2: see the estimate line below.
+Size (3 variants x 1 learning rate x 2 seeds = 6 runs of 750 steps). 12-step probes (docs/results/README.md;
+2 x86-64 cores shared with 6 other helpers, load average 7-10, a second probe running) gave 3.25 / 3.00 / 2.03 s
+per step for none / aux_loss / bias; divided by the ~3.7x load factor of a quickstart probe: STEP_SECONDS_QUIET.
+Estimate: 2 seeds x 750 steps x 2.24 s (the three quiet steps summed) + 6 runs x ~30 s start-up / 2 at once
+~= 58 min quiet at --parallel 2 (pessimistic: the probes shared the cores with another probe).
 GPU (15 minutes): add `--set model.d_model=512 --set model.num_heads=8 --set model.num_kv_heads=8
 --set model.moe.expert_hidden=1024 --set data.batch_size=32 --set data.seq_len=512 --set model.max_seq_len=512
 --set train.steps=3000`.
 
 Expect (Wang et al.): MaxVio of `bias` falling to well below `aux_loss` within the first few hundred steps
-(paper: 0.04 against 0.5-0.7 at scale; at 800 CPU steps the bias, moving 1e-3 per step, has travelled at most
-0.8, so expect a smaller gap), `none` the most imbalanced; final eval loss of `bias` equal to or below
+(paper: 0.04 against 0.5-0.7 at scale; in 750 CPU steps the bias, moving 1e-3 per step, travels at most
+0.75, so expect a smaller gap), `none` the most imbalanced; final eval loss of `bias` equal to or below
 `aux_loss`.
 """
 
@@ -64,12 +66,12 @@ SWEEP = dict(
     compare_at="steps",
 )
 
-STEP_SECONDS_QUIET = {}
+STEP_SECONDS_QUIET = {"none": 0.88, "aux_loss": 0.81, "bias": 0.55}  # probe step time / 3.7
 
 
 def config() -> RunConfig:
   model = dataclasses.replace(presets.quickstart(), mlp_hidden=512)
   return RunConfig(name="aux_free_balancing", model=model,
                    data=DataConfig(seq_len=256, batch_size=16, num_val_batches=8),
-                   train=TrainConfig(steps=800, learning_rate=3e-3, warmup_steps=80, log_every=10, eval_every=100,
-                                     checkpoint_every=400, sample_tokens=0, progress_bar=False))
+                   train=TrainConfig(steps=750, learning_rate=3e-3, warmup_steps=75, log_every=10, eval_every=125,
+                                     checkpoint_every=375, sample_tokens=0, progress_bar=False))

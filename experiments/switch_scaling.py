@@ -18,11 +18,12 @@ renormalisation (Switch's gate is the top-1 softmax probability), load-balance l
 Scaled down: T5-Base (223 M, 100k steps of 2^20 tokens) becomes 0.9 M dense parameters and 600 steps of 4,096
 tokens (2.5 M tokens); 128 experts become at most 16; one learning rate (3e-3, the quickstart's), 2 seeds.
 
-Size (5 variants x 1 learning rate x 2 seeds = 10 runs of 600 steps): measured step times (12-step probes,
-`sparseformer train --experiment switch_scaling --variant V --set train.steps=12 ...`, see
-docs/results/README.md; 2 shared x86-64 cores loaded by 6 other helpers, ~3.7x slower than quiet, scaled by
-that factor measured on a quickstart probe) -> see STEP_SECONDS_QUIET below. Estimated quiet wall time at
---parallel 2: ~10 runs x 600 steps x 0.55 s / 2 runs at once x ~2 (one core each) + startup ~= 57 min.
+Size (5 variants x 1 learning rate x 2 seeds = 10 runs of 600 steps). 12-step probes (docs/results/README.md;
+2 x86-64 cores shared with 6 other helpers, load average 5-10) gave 1.21 / 1.61 / 1.98 / 2.89 / 2.65 s per step
+for dense / e2 / e4 / e8 / e16 (e8, e16 while a second probe ran); divided by the ~3.7x load factor of a
+quickstart probe: STEP_SECONDS_QUIET. Estimate: 2 seeds x 600 steps x 2.79 s (the five variants' quiet steps
+summed) + 10 runs x ~30 s start-up / 2 at once ~= 58 min quiet at --parallel 2 (the dense probe alone suggests
+a load factor nearer 2, so the quiet time may be lower; the machine's real load decides).
 GPU (published size does not fit 15 minutes; a larger slice that does):
     sparseformer sweep run --experiment switch_scaling --out sweeps/switch_scaling_gpu --parallel 1 \
       --set model.d_model=512 --set model.num_heads=8 --set model.num_kv_heads=8 --set model.mlp_hidden=2048 \
@@ -62,9 +63,8 @@ SWEEP = dict(
     compare_at="steps",
 )
 
-# Seconds per training step on a quiet 2-core CPU (probe step time / the load factor), per variant; filled in
-# from the probes of docs/results/README.md.
-STEP_SECONDS_QUIET = {}
+# Seconds per training step on a quiet 2-core CPU: the probe's step time / 3.7 (docs/results/README.md).
+STEP_SECONDS_QUIET = {"dense": 0.33, "switch_e2": 0.44, "switch_e4": 0.54, "switch_e8": 0.78, "switch_e16": 0.72}
 
 
 def config() -> RunConfig:

@@ -99,7 +99,7 @@ def test_sparse_lm_covers_every_kind_and_flops_order():
 
 def test_sparse_lm_frontier_reads_done_runs_of_results_csv(tmp_path):
   path = tmp_path / "results.csv"
-  rows = [("global", "done", "2.0"), ("global", "done", "2.2"), ("local", "done", "2.3"), ("strided", "failed", ""),
+  rows = [("global", "done", "2.0"), ("global", "done", "2.2"), ("local", "done", "2.3"), ("strided", "failed", "1.0"),
           ("fixed", "done", "")]
   with open(path, "w", newline="", encoding="utf-8") as file:
     writer = csv.writer(file)
@@ -134,7 +134,8 @@ def test_study_sweep_runs_end_to_end_at_a_tiny_size(study, tmp_path):
   Run with: python -m pytest -q -m slow -p no:cacheprovider tests/experiments/test_studies.py"""
   out = tmp_path / study
   sets = [item for assignment in _TINY_COMMON + TINY[study] for item in ("--set", assignment)]
-  plan = spec.plan(study, _TINY_COMMON + TINY[study], seeds=[0], learning_rates=[spec.plan(study).runs[0].learning_rate])
+  first_rate = experiments.sweep(study)["learning_rates"][0]
+  plan = spec.plan(study, _TINY_COMMON + TINY[study], seeds=[0], learning_rates=[first_rate])
   command = [sys.executable, "-m", "sparseformer.train.cli", "sweep", "run", "--experiment", study, "--out", str(out),
              "--parallel", "2", "--seeds", "0", "--learning-rates", repr(plan.runs[0].learning_rate), *sets]
   result = subprocess.run(command, capture_output=True, text=True, timeout=3000, env=dict(os.environ))
