@@ -151,15 +151,21 @@ def prunable_names(params: nnx.State) -> dict[str, tuple[int, int]]:
 
 
 def one_shot_masks(params: nnx.State, method: str, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
-                   score: str = "wanda", stats: dict | None = None) -> dict[str, np.ndarray]:
+                   score: str = "wanda", stats: dict | None = None, group: str | None = None
+                   ) -> dict[str, np.ndarray]:
   """Keep-masks {name: bool array of the parameter's shape} for every prunable weight.
 
   method "magnitude": |W| per matrix (per expert); "wanda": |W| * ||X||_2 per output; "nm": `nm` = (N, M)
   along the inputs, ranked by `score` ("wanda" or "magnitude"). Wanda scores need `stats`
-  (`calibration_stats`).
+  (`calibration_stats`). `group` ("per_matrix" | "per_output", magnitude / wanda only) overrides the
+  method's comparison group (as in Sun et al. 2023's comparison-group ablation); None keeps the method's own.
   """
   if method not in prune_scores.METHODS:
     raise ValueError(f"--method {method!r}: choose one of {prune_scores.METHODS}.")
+  if group is not None and (method == "nm" or group not in prune_scores.GROUPS):
+    raise ValueError(f"--group {group!r}: choose one of {prune_scores.GROUPS}, with --method magnitude or wanda "
+                     "(N:M always compares within each group of M inputs).")
+  group = group or prune_scores.DEFAULT_GROUP.get(method)
   uses_wanda = method == "wanda" or (method == "nm" and score == "wanda")
   if uses_wanda and stats is None:
     raise ValueError("Wanda scores need calibration statistics (calibration_stats).")
@@ -172,11 +178,11 @@ def one_shot_masks(params: nnx.State, method: str, *, sparsity: float = 0.5, nm:
       scores = prune_scores.wanda_scores(canonical, stats[name].astype(np.float32))
     else:
       scores = prune_scores.magnitude_scores(canonical)
-    if method == "magnitude":
-      mask = prune_scores.per_matrix_mask(scores, sparsity)
-    elif method == "wanda":
-      mask = prune_scores.per_output_mask(scores, sparsity)
-    else:
+    if method == "nm":
       mask = prune_scores.nm_mask(scores, *nm)
+    elif group == "per_matrix":
+      mask = prune_scores.per_matrix_mask(scores, sparsity)
+    else:
+      mask = prune_scores.per_output_mask(scores, sparsity)
     masks[name] = np.asarray(mask).reshape(weight.shape)
   return masks

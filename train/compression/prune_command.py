@@ -19,6 +19,7 @@ import shutil
 
 METHODS = ("magnitude", "wanda", "nm", "experts", "heads")
 SCORES = ("wanda", "magnitude")
+GROUPS = ("per_matrix", "per_output")  # = prune_scores.GROUPS (parsing imports nothing heavy)
 REPORT_FILE = "prune_report.json"
 
 
@@ -32,6 +33,8 @@ def add_parser(commands) -> None:
                      "set to zero, in (0, 1)")
   prune.add_argument("--nm", help="nm: N:M, N weights kept of every M consecutive inputs, e.g. 2:4")
   prune.add_argument("--score", default="wanda", help="nm: rank by wanda (default) or magnitude")
+  prune.add_argument("--group", help="magnitude / wanda: compare scores per_matrix (magnitude's default) or "
+                     "per_output (wanda's default: over the inputs of each output)")
   prune.add_argument("--experts", type=int, help="experts: experts dropped per MoE layer")
   prune.add_argument("--heads", type=int, help="heads: query heads dropped per layer")
   prune.add_argument("--calibration-batches", type=int, default=8,
@@ -55,6 +58,11 @@ def check_args(args: argparse.Namespace) -> None:
   if args.nm is not None:
     from sparseformer.train.compression.prune_scores import parse_nm  # pylint: disable=import-outside-toplevel
     parse_nm(args.nm)
+  if args.group is not None:
+    if args.method not in ("magnitude", "wanda"):
+      raise ValueError(f"--group applies to --method magnitude or wanda only, not {args.method}; drop it.")
+    if args.group not in GROUPS:
+      raise ValueError(f"--group {args.group!r}: choose one of {', '.join(GROUPS)}.")
   if args.score not in SCORES:
     raise ValueError(f"--score {args.score!r}: choose one of {', '.join(SCORES)}.")
   if args.calibration_batches < 1:
@@ -127,7 +135,7 @@ def _prune_workdir(config, new_model, args, nm, source: str, partial: str, out: 
   from sparseformer.train import checkpoint as checkpoint_lib
   from sparseformer.train import data as data_lib
   from sparseformer.train import overrides, trainer
-  from sparseformer.train.compression import prune, prune_masks, prune_structured
+  from sparseformer.train.compression import prune, prune_masks, prune_scores, prune_structured
 
   corpus = data_lib.load_source(config.data)
   run = trainer.open_run(config, source, require_checkpoint=True)
@@ -146,7 +154,7 @@ def _prune_workdir(config, new_model, args, nm, source: str, partial: str, out: 
     masks, dropped = None, {}
     if args.method in ("magnitude", "wanda", "nm"):
       masks = prune.one_shot_masks(run.state.params, args.method, sparsity=args.sparsity, nm=nm, score=args.score,
-                                   stats=stats)
+                                   stats=stats, group=args.group)
       state = dataclasses.replace(run.state, params=prune_masks.apply_masks(run.state.params, masks))
       new_config = dataclasses.replace(config, train=dataclasses.replace(config.train, prune_masks=out))
     else:
@@ -193,7 +201,10 @@ def _prune_workdir(config, new_model, args, nm, source: str, partial: str, out: 
            "pruned": flops_lib.train_flops_per_token(new_model, seq_len) / 3}
   report = {
       "method": args.method, "sparsity": args.sparsity, "nm": args.nm,
-      "score": args.score if args.method == "nm" else None, "experts_dropped": args.experts,
+      "score": args.score if args.method == "nm" else None,
+      "group": (args.group or prune_scores.DEFAULT_GROUP[args.method]) if args.method in prune_scores.DEFAULT_GROUP
+               else None,
+      "experts_dropped": args.experts,
       "heads_dropped": args.heads, "calibration_batches": args.calibration_batches if stats is not None else 0,
       "source": source, "out": out, "step": step,
       "zero_share_of_pruned_weights": (None if masks is None else

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("magnitude", "wanda", "nm")
+GROUPS = ("per_matrix", "per_output")  # comparison groups of magnitude / wanda (--group)
+DEFAULT_GROUP = {"magnitude": "per_matrix", "wanda": "per_output"}
 
 # Layer name -> (group axes, input axes) of the weights we prune: attention projections, dense and shared
 # SwiGLU, routed experts. Never norms, embeddings / the output head, routers, or routed-attention extras:

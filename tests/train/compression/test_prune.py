@@ -83,3 +83,33 @@ def test_one_shot_masks_have_the_exact_pattern_on_every_prunable_weight(probe):
   # Wanda's activation norms change the choice against plain magnitude on the same pattern.
   nm_magnitude = prune.one_shot_masks(params, "nm", nm=(2, 4), score="magnitude")
   assert not np.array_equal(nm["blocks/0/ffn/w_down"], nm_magnitude["blocks/0/ffn/w_down"])
+
+
+def test_group_overrides_the_comparison_group_of_magnitude_and_wanda(probe):
+  params, out = probe
+  stats = out["stats"]
+  shapes = {name: leaf.shape for name, leaf in prune_masks.named_params(params).items()}
+  named = {name: np.asarray(leaf[...], np.float64) for name, leaf in prune_masks.named_params(params).items()}
+  for method in ("magnitude", "wanda"):
+    by_group = {group: prune.one_shot_masks(params, method, sparsity=0.5, stats=stats, group=group)
+                for group in ("per_matrix", "per_output")}
+    default = prune.one_shot_masks(params, method, sparsity=0.5, stats=stats)
+    own = "per_matrix" if method == "magnitude" else "per_output"
+    assert all(np.array_equal(default[name], by_group[own][name]) for name in default)
+    for name, (group_axes, in_axes) in prune.prunable_names(params).items():
+      groups, outputs = int(np.prod(shapes[name][:group_axes])), int(np.prod(shapes[name][group_axes + in_axes:]))
+      score = np.abs(named[name]).reshape(groups, -1, outputs)  # NumPy scores, [G, I, O]
+      if method == "wanda":
+        score = score * np.sqrt(stats[name])[..., None]
+      for group, axes in (("per_matrix", (1, 2)), ("per_output", (1,))):
+        keep = by_group[group][name].reshape(score.shape)
+        np.testing.assert_array_equal((~keep).sum(axis=axes), np.prod([score.shape[a] for a in axes]) // 2)
+        pruned_max = np.where(keep, -np.inf, score).max(axis=axes)
+        kept_min = np.where(keep, score, np.inf).min(axis=axes)
+        assert np.all(pruned_max <= kept_min), (method, group, name)
+    assert not np.array_equal(by_group["per_matrix"]["blocks/0/ffn/w_down"],
+                              by_group["per_output"]["blocks/0/ffn/w_down"])
+  with pytest.raises(ValueError, match="--group"):
+    prune.one_shot_masks(params, "nm", nm=(2, 4), stats=stats, group="per_output")
+  with pytest.raises(ValueError, match="--group 'per_row'"):
+    prune.one_shot_masks(params, "magnitude", sparsity=0.5, group="per_row")

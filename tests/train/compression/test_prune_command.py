@@ -48,6 +48,8 @@ def fake_run(tmp_path, tiny_config):
     (["--method", "magnitude"], "--method magnitude needs --sparsity"),
     (["--method", "nm", "--nm", "2:5"], "--nm 2:5: the input dimension of blocks/0/attention/wk .*M=5"),
     (["--method", "heads", "--heads", "1"], "--heads 1: under GQA"),
+    (["--method", "nm", "--nm", "2:4", "--group", "per_output"], "--group applies to --method magnitude or wanda"),
+    (["--method", "wanda", "--sparsity", "0.5", "--group", "per_row"], "--group 'per_row': choose one of"),
 ])
 def test_bad_flags_are_rejected_before_any_work(fake_run, tmp_path, capsys, flags, message):
   before = _tree_digest(fake_run)
