@@ -13,7 +13,7 @@ LRA commit c209b2a), not from the pattern. LRA's config: 4 layers, emb 512, 8 he
 Here: a causal decoder reads the prefix expression and predicts its value at the final "]" (the only labelled
 position, train/tasks/listops.py), so every kind must carry the tree's value forward to the last token; 4 layers
 x 128, two 64-wide heads, vocabulary 16. Scaled: sequences of 128-512 tokens (LRA: 500-2000, a quarter),
-depth <= 10 and <= 10 arguments as LRA; batch 16; 1,500 steps (24 K examples against LRA's 160 K); one learning
+depth <= 10 and <= 10 arguments as LRA; batch 16; 700 steps (11 K examples against LRA's 160 K); one learning
 rate (1e-3), one seed. Kinds at T = 512, blocks of 32: local window 128 (4 layers reach 512 tokens back, so
 the whole expression is within its receptive field: a weaker test than LRA's), bigbird window 96 + 32 global + 2
 random blocks, longformer window 128 + 32 global. In a causal layer the leading global tokens see only what is
@@ -27,12 +27,13 @@ On a GPU (15 minutes), the LRA length:
 
 Metric: eval/token_accuracy (= accuracy: one label per example); chance is 10 %, and always answering the
 most frequent value scores ~17-20 % (LRA's failing models sit at 15-18 %).
-Size (4 variants x 1 x 1 = 4 runs of 1,500 steps): see STEP_SECONDS_QUIET and the estimate line (12-step probes
-on 2 shared x86-64 cores loaded by 6 other helpers, divided by the ~3.7x load factor of a quickstart probe;
-commands in docs/results/README.md).
+Size (4 variants x 1 x 1 = 4 runs of 700 steps). NOT probed (cut for time): estimated from the quickstart's quiet
+0.6 s per 16 x 256 step, doubled for 16 x 512 tokens, ~1.3 s quiet per step; 4 runs x 700 steps x 1.3 s + 4 x
+~30 s start-up / 2 at once ~= 62 min quiet at --parallel 2. Probe a variant (docs/results/README.md) before the
+run and adjust train.steps.
 
 Expect (LRA / FlashAttention): dense, bigbird and longformer together; local either far below (LRA) or with
-them (FlashAttention re-tune). At 1,500 CPU steps every kind may still sit near the majority-class ~17-20 %:
+them (FlashAttention re-tune). At 700 CPU steps every kind may still sit near the majority-class ~17-20 %:
 that is a "not learned yet", not an ordering; report which of the two published orderings we see, if either.
 """
 
@@ -62,7 +63,7 @@ SWEEP = dict(
     compare_at="steps",
 )
 
-STEP_SECONDS_QUIET = {}
+STEP_SECONDS_QUIET = {}  # not probed yet (see Size above)
 
 
 def config() -> RunConfig:
@@ -71,5 +72,5 @@ def config() -> RunConfig:
   data = DataConfig(source="task", task="listops", seq_len=SEQ_LEN, batch_size=16, num_val_batches=8,
                     listops=ListOpsConfig(min_length=128, max_length=SEQ_LEN))
   return RunConfig(name="listops", model=model, data=data,
-                   train=TrainConfig(steps=1500, learning_rate=1e-3, warmup_steps=150, weight_decay=0.1, log_every=25,
-                                     eval_every=250, checkpoint_every=500, sample_tokens=0, progress_bar=False))
+                   train=TrainConfig(steps=700, learning_rate=1e-3, warmup_steps=70, weight_decay=0.1, log_every=25,
+                                     eval_every=100, checkpoint_every=350, sample_tokens=0, progress_bar=False))

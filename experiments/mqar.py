@@ -4,10 +4,13 @@
     sparseformer sweep run --experiment mqar --out sweeps/mqar --parallel 2   # the full SWEEP (GPU): see below
     sparseformer sweep report sweeps/mqar
 
-The CPU study (one grid point, d_model 64 at (64, 4); 7 kinds x 2 learning rates x 1 seed = 14 runs of 2,000
-steps; size estimate below):
+The CPU study (one grid point, d_model 64 at (64, 4); 7 kinds x 1 learning rate x 1 seed = 7 runs of 2,000
+steps; 12-step probes (docs/results/README.md; 2 x86-64 cores shared with 6 other helpers, load average 8-10, a
+second probe running): global 0.91 s, local_w48 0.79 s per step, ~0.25 / 0.21 s quiet after the ~3.7x load
+factor of a quickstart probe; the routed kinds were not probed (cut for time). Estimate, all kinds as global:
+7 x 2,000 x 0.25 s + 7 x ~30 s start-up / 2 at once ~= 60 min quiet; probe moba / nsa / dsa first):
     sparseformer sweep run --experiment mqar --out sweeps/mqar_cpu --parallel 2 --set model.d_model=64 \
-      --set data.seq_len=64 --seeds 0 --learning-rates 2.2e-3,1e-2
+      --set data.seq_len=64 --seeds 0 --learning-rates 2.2e-3
     sparseformer sweep report sweeps/mqar_cpu
 The full SWEEP is Zoology's grid, 7 kinds x 3 widths x 3 lengths x 4 LRs x 3 seeds = 756 runs: a GPU job
 (add --set train.steps=... to fit the time there).

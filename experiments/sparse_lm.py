@@ -10,7 +10,7 @@ worse on text. MoBA (Lu et al. 2025, arXiv:2502.13189, Figure 3 / §3.1 scaling 
 block 512, top-3): LM loss 2.625 C^-0.063 against 2.622 C^-0.063 for full attention, within 1e-3.
 
 Here: a 6-layer x 128 byte-level decoder (two 64-wide heads, SwiGLU 384) on the stdlib corpus at T = 1,024,
-batch 4 (4,096 tokens a step, as the quickstart), 300 steps, one learning rate (3e-3), one seed; every kind in
+batch 4 (4,096 tokens a step, as the quickstart), 150 steps, one learning rate (3e-3), one seed; every kind in
 every layer except local_global (five local layers, then one global: Gemma 3's 5:1). Kind settings at T = 1K
 (block 64): window 256 (local, sinks, longformer), stride 64 + 16 summary tokens (strided, fixed: the Sparse
 Transformer's l ~ sqrt(T) rounded to the block, c = 16), bigbird window 192 + 64 global + 1 random block,
@@ -18,12 +18,12 @@ longformer 64 global, chunked 256, sinks 4; moba blocks of 128, top-3 (the paper
 nsa l / d / l' / n / w = 16 / 8 / 32 / 8 / 128 (models/presets.nsa_small); dsa a 2 x 32 indexer (a quarter
 of a 2 x 64 attention pair's cost per key), top-256 keys.
 Scaled down: enwik8 at 12K context and 95M parameters becomes the stdlib corpus at 1K and ~1.2 M parameters,
-300 steps (1.2 M tokens); at this length and size all kinds are far from converged, so the comparison is of
+150 steps (0.6 M tokens); at this length and size all kinds are far from converged, so the comparison is of
 early learning speed per FLOP, not of final quality.
 On a GPU (15 minutes), T = 2K and a larger model:
     sparseformer sweep run --experiment sparse_lm --out sweeps/sparse_lm_2k --parallel 1 \
       --set data.seq_len=2048 --set model.max_seq_len=2048 --set model.d_model=512 --set model.num_heads=8 \
-      --set model.num_kv_heads=8 --set model.mlp_hidden=1536 --set data.batch_size=8 --set train.steps=2000 \
+      --set model.num_kv_heads=8 --set model.mlp_hidden=1536 --set data.batch_size=8 --set train.steps=2000 --set train.eval_every=250 \
       --set model.attention.window=512 --set model.attention.stride=128 --set model.attention.chunk_size=512 \
       --set model.attention.moba.block_size=256 --set model.attention.nsa.window=256
 
@@ -32,9 +32,12 @@ Metric: eval/bits_per_byte at equal steps. Attention FLOPs per token are a funct
 no metric-vs-FLOPs plot (its plots are against grid fields and learning rate), so the frontier is the table
 this module's `python -m` entry prints from DIR/results.csv.
 
-Size (12 variants x 1 x 1 = 12 runs of 300 steps): see STEP_SECONDS_QUIET and the estimate line (12-step probes
-on 2 shared x86-64 cores loaded by 6 other helpers, divided by the ~3.7x load factor of a quickstart probe;
-commands in docs/results/README.md).
+Size (12 variants x 1 x 1 = 12 runs of 150 steps). Only `global` was probed (12 steps, docs/results/README.md;
+2 x86-64 cores shared with 6 other helpers, load average 8-9, a second probe running): 7.25 s per step, ~1.96 s
+quiet after the ~3.7x load factor of a quickstart probe. Estimate, assuming every kind steps as fast as global:
+12 runs x 150 steps x 1.96 s + 12 x ~30 s start-up / 2 at once ~= 62 min quiet at --parallel 2. NOT measured for
+the other kinds (the probes were cut short for time); the routed kinds may step slower than global on CPU at
+T = 1K: probe them (`--variant moba|nsa|dsa`) before the run and lower train.steps if needed.
 
 Expect: global lowest bits per byte at the highest attention FLOPs; local / sinks / longformer / bigbird /
 local_global within a few hundredths of a bit (most byte-level context is local); fixed about equal to dense
@@ -78,7 +81,7 @@ SWEEP = dict(
     compare_at="steps",
 )
 
-STEP_SECONDS_QUIET = {}
+STEP_SECONDS_QUIET = {"global": 1.96}  # probe step time / 3.7; the other kinds not probed yet
 
 
 def config() -> RunConfig:
@@ -89,8 +92,8 @@ def config() -> RunConfig:
       dsa=DSAConfig(index_heads=2, index_head_dim=32, topk=256, rope_dim=16, key_chunk=512))
   model = dataclasses.replace(presets.quickstart(), num_layers=NUM_LAYERS, max_seq_len=SEQ_LEN, attention=attention)
   return RunConfig(name="sparse_lm", model=model, data=DataConfig(seq_len=SEQ_LEN, batch_size=4, num_val_batches=8),
-                   train=TrainConfig(steps=300, learning_rate=3e-3, warmup_steps=30, log_every=10, eval_every=100,
-                                     checkpoint_every=300, sample_tokens=0, progress_bar=False))
+                   train=TrainConfig(steps=150, learning_rate=3e-3, warmup_steps=15, log_every=10, eval_every=50,
+                                     checkpoint_every=150, sample_tokens=0, progress_bar=False))
 
 
 def attention_flops_per_token(variant: str, overrides: list[str] = ()) -> float:

@@ -37,8 +37,8 @@ def test_every_study_plans_and_its_docstring_names_run_and_report(study):
 
 
 def test_mqar_cpu_command_plans_one_point_of_every_kind():
-  plan = spec.plan("mqar", ["model.d_model=64", "data.seq_len=64"], seeds=[0], learning_rates=[2.2e-3, 1e-2])
-  assert len(plan.runs) == 7 * 2
+  plan = spec.plan("mqar", ["model.d_model=64", "data.seq_len=64"], seeds=[0], learning_rates=[2.2e-3])
+  assert len(plan.runs) == 7
   assert {(run.grid["model.d_model"], run.grid["data.seq_len"], run.grid["data.mqar.num_kv_pairs"])
           for run in plan.runs} == {(64, 64, 4)}
 
