@@ -7,8 +7,10 @@
 The CPU study (one grid point, d_model 64 at (64, 4); 7 kinds x 1 learning rate x 1 seed = 7 runs of 2,000
 steps; 12-step probes (docs/results/README.md; 2 x86-64 cores shared with 6 other helpers, load average 8-10, a
 second probe running): global 0.91 s, local_w48 0.79 s per step, ~0.25 / 0.21 s quiet after the ~3.7x load
-factor of a quickstart probe; the routed kinds were not probed (cut for time). Estimate, all kinds as global:
-7 x 2,000 x 0.25 s + 7 x ~30 s start-up / 2 at once ~= 60 min quiet; probe moba / nsa / dsa first):
+factor of a quickstart probe; moba 3.54 s (~0.96 s quiet, 4x global); nsa and dsa not probed (cut for time).
+Estimate: the four static kinds 2,000 x ~0.9 s together ~= 30 min, moba ~32 min, nsa and dsa perhaps as moba:
+~2 h quiet in all, OVER the 60-minute budget; run the static kinds and moba first (--variants), or lower
+train.steps for the routed kinds, and say which in the report):
     sparseformer sweep run --experiment mqar --out sweeps/mqar_cpu --parallel 2 --set model.d_model=64 \
       --set data.seq_len=64 --seeds 0 --learning-rates 2.2e-3
     sparseformer sweep report sweeps/mqar_cpu
