@@ -97,6 +97,7 @@ def test_mixed_batch_rows_equal_each_prompt_alone(sparse_moe_model):
     _assert_close(alone[:, 0], batched[:, row], f"row {row} alone vs in the batch")
 
 
+@pytest.mark.slow  # suite budget; the dropless MoE model above is held to the forward at every position
 def test_capacity_moe_layer_decodes_dropless(monkeypatch, caplog):
   """A capacity layer whose forward drops nothing (capacity_factor 4) gives the same outputs through `infer` (the
   prefill / decode path), token by token as a decode step sees them, and says once that it decodes dropless."""

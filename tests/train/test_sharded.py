@@ -38,6 +38,7 @@ def test_mesh_2x2x2_shards_parameters_by_the_rules_and_matches_one_device(text_c
   assert report["restored_on_other_mesh_equal"] and report["restored_on_other_mesh_devices"] == 1
 
 
+@pytest.mark.slow  # ~55 s; expert parallelism is held to one device at the layer level (tests/layers/moe/test_parallel.py)
 def test_moe_expert_parallel_training_matches_one_device(text_corpus, tmp_path):
   """expert=2 x data=2 x fsdp=2 (all-to-all dispatch) equals one device, and logs per-layer MoE metrics."""
   report = _sharded_report(text_corpus, tmp_path, "moe")

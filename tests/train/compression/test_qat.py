@@ -24,6 +24,7 @@ def _qat_config(tiny_config, scheme="int8", **train_changes):
                                                                quantization=QuantizationConfig(scheme=scheme)))
 
 
+@pytest.mark.slow  # a full trainer run; the QAT forward (fake-quantized weights) is held exactly by the next test
 def test_qat_trains(tiny_config, tmp_path, read_losses):
   workdir = str(tmp_path / "qat")
   trainer.train(_qat_config(tiny_config, steps=12, learning_rate=1e-2), workdir)
