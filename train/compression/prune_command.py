@@ -2,6 +2,7 @@
 
     sparseformer prune --workdir DIR --method magnitude|wanda --sparsity 0.5 --out DIR2
     sparseformer prune --workdir DIR --method nm --nm 2:4 [--score wanda|magnitude] --out DIR2
+    sparseformer prune --workdir DIR --method wanda --sparsity 0.5 --group per_matrix --out DIR2   # group ablation
     sparseformer prune --workdir DIR --method experts --experts 2 --out DIR2     # MoE: E - 2 experts per layer
     sparseformer prune --workdir DIR --method heads --heads 1 --out DIR2         # num_heads - 1 per layer
 
