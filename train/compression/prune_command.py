@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 
+from sparseformer.train.compression import workdirs
+
 METHODS = ("magnitude", "wanda", "nm", "experts", "heads")
 SCORES = ("wanda", "magnitude")
 GROUPS = ("per_matrix", "per_output")  # = prune_scores.GROUPS (parsing imports nothing heavy)
@@ -68,17 +70,7 @@ def check_args(args: argparse.Namespace) -> None:
     raise ValueError(f"--score {args.score!r}: choose one of {', '.join(SCORES)}.")
   if args.calibration_batches < 1:
     raise ValueError(f"--calibration-batches {args.calibration_batches} must be >= 1.")
-  source, out = os.path.abspath(args.workdir), os.path.abspath(args.out)
-  if os.path.lexists(out):
-    raise ValueError(f"--out {args.out} already exists; pick a new directory (prune never overwrites).")
-  if out == source or out.startswith(source + os.sep):
-    raise ValueError(f"--out {args.out} lies inside --workdir {args.workdir}; the source run is only read, "
-                     "so write elsewhere.")
-  if not os.path.isfile(os.path.join(source, "config.json")):
-    raise ValueError(f"--workdir {args.workdir} has no config.json; pass the directory of a training run.")
-  checkpoints = os.path.join(source, "checkpoints")
-  if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
-    raise ValueError(f"--workdir {args.workdir} has no checkpoint under checkpoints/; train it first.")
+  workdirs.check_source_and_out(args.workdir, args.out, "prune")
 
 
 def _check_nm_fits(params, nm: tuple[int, int], flag: str) -> None:

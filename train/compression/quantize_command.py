@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 
+from sparseformer.train.compression import workdirs
+
 REPORT_FILE = "quantize_report.json"
 
 
@@ -37,19 +39,9 @@ def check_args(args: argparse.Namespace) -> None:
   quantize_config.get_scheme(args.scheme)
   if args.calibration_batches < 1:
     raise ValueError(f"--calibration-batches {args.calibration_batches} must be >= 1.")
-  source, out = os.path.abspath(args.workdir), os.path.abspath(args.out)
-  if os.path.lexists(out):
-    raise ValueError(f"--out {args.out} already exists; pick a new directory (quantize never overwrites).")
-  if out == source or out.startswith(source + os.sep):
-    raise ValueError(f"--out {args.out} lies inside --workdir {args.workdir}; the source run is only read, so "
-                     "write elsewhere.")
-  if not os.path.isfile(os.path.join(source, "config.json")):
-    raise ValueError(f"--workdir {args.workdir} has no config.json; pass the directory of a training run.")
-  if quantize_store.is_quantized_workdir(source):
+  workdirs.check_source_and_out(args.workdir, args.out, "quantize")
+  if quantize_store.is_quantized_workdir(args.workdir):
     raise ValueError(f"--workdir {args.workdir} is already quantized; quantize the float run it came from.")
-  checkpoints = os.path.join(source, "checkpoints")
-  if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
-    raise ValueError(f"--workdir {args.workdir} has no checkpoint under checkpoints/; train it first.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 errors, the distillation term in the train step (exact under accumulation) and a tiny distillation run."""
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -189,16 +188,9 @@ def test_distill_step_is_exact_under_accumulation_and_matches_the_formula(seed):
   _close(float(m1["distill/hard_loss"]), (nll * mask).sum() / mask.sum(), tol=1e-4)
 
 
-def _digest(directory) -> str:
-  digest = hashlib.sha256()
-  for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
-      with open(os.path.join(root, name), "rb") as file:
-        digest.update(name.encode() + file.read())
-  return digest.hexdigest()
 
 
-def test_a_tiny_distillation_run_trains_and_leaves_the_teacher_unchanged(tmp_path, tiny_config):
+def test_a_tiny_distillation_run_trains_and_leaves_the_teacher_unchanged(tmp_path, tiny_config, tree_digest):
   """The teacher (another depth and head count, saved untrained to spare a compile) is read, never written; the
   student's metrics.jsonl holds the distill/* and energy lines."""
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
@@ -210,9 +202,9 @@ def test_a_tiny_distillation_run_trains_and_leaves_the_teacher_unchanged(tmp_pat
   teacher_run = trainer.open_run(teacher_config, teacher_dir)
   teacher_run.checkpointer.save(0, teacher_run.state, {}, wait=True)
   teacher_run.checkpointer.close()
-  before = _digest(teacher_dir)
+  before = tree_digest(teacher_dir)
   summary = trainer.train(_with_distill(base, teacher_dir, alpha=0.5, temperature=2.0), student_dir)
-  assert _digest(teacher_dir) == before
+  assert tree_digest(teacher_dir) == before
   records = [json.loads(line) for line in open(os.path.join(student_dir, "metrics.jsonl"), encoding="utf-8")]
   teacher_eval = [r for r in records if "distill/teacher_eval/loss" in r]
   assert len(teacher_eval) == 1  # an untrained teacher: about ln(259) = 5.56 nats

@@ -1,7 +1,6 @@
 """`sparseformer prune` end to end, masks through a fine-tune and a resume, and bad input rejected up front."""
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -15,15 +14,6 @@ from sparseformer.train import state as state_lib
 from sparseformer.train.compression import prune_masks
 
 
-def _tree_digest(directory: str) -> dict[str, str]:
-  """{relative path: sha256} of every file under `directory`."""
-  digests = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as file:
-        digests[os.path.relpath(path, directory)] = hashlib.sha256(file.read()).hexdigest()
-  return digests
 
 
 def _params(workdir: str):
@@ -51,12 +41,12 @@ def fake_run(tmp_path, tiny_config):
     (["--method", "nm", "--nm", "2:4", "--group", "per_output"], "--group applies to --method magnitude or wanda"),
     (["--method", "wanda", "--sparsity", "0.5", "--group", "per_row"], "--group 'per_row': choose one of"),
 ])
-def test_bad_flags_are_rejected_before_any_work(fake_run, tmp_path, capsys, flags, message):
-  before = _tree_digest(fake_run)
+def test_bad_flags_are_rejected_before_any_work(fake_run, tmp_path, capsys, flags, message, tree_digest):
+  before = tree_digest(fake_run)
   out = str(tmp_path / "out")
   assert cli.main(["prune", "--workdir", fake_run, "--out", out, *flags]) == 2
   assert re.search(message, capsys.readouterr().err)
-  assert not os.path.exists(out) and _tree_digest(fake_run) == before
+  assert not os.path.exists(out) and tree_digest(fake_run) == before
 
 
 def test_missing_checkpoint_and_existing_out_are_rejected(fake_run, tmp_path, capsys):
@@ -97,7 +87,7 @@ def test_masks_survive_a_fine_tune_and_a_resume(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
-def test_prune_command_end_to_end(tmp_path, tiny_config):
+def test_prune_command_end_to_end(tmp_path, tiny_config, tree_digest):
   """Train a tiny MoE model, prune it (Wanda 50 %, 2:4, 2 of 4 experts): the source stays byte-identical, the
   outputs hold the exact patterns / the smaller model and a report. Run: pytest -m slow -k end_to_end."""
   base = tiny_config(steps=4)
@@ -105,7 +95,7 @@ def test_prune_command_end_to_end(tmp_path, tiny_config):
       base.model, ffn_pattern=("dense", "moe"), moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64)))
   source = str(tmp_path / "run")
   trainer.train(config, source)
-  before = _tree_digest(source)
+  before = tree_digest(source)
   for method, flags in (("wanda", ["--sparsity", "0.5"]), ("nm", ["--nm", "2:4"]), ("experts", ["--experts", "2"])):
     out = str(tmp_path / method)
     assert cli.main(["prune", "--workdir", source, "--out", out, "--method", method, "--calibration-batches", "2",
@@ -122,4 +112,4 @@ def test_prune_command_end_to_end(tmp_path, tiny_config):
       assert report["zero_share_of_pruned_weights"] == pytest.approx(0.5)
       for name, mask in masks.items():
         assert np.all(params[name][~mask] == 0)
-  assert _tree_digest(source) == before
+  assert tree_digest(source) == before

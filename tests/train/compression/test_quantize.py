@@ -1,7 +1,6 @@
 """`sparseformer quantize` end to end, every layer kind under qwix PTQ, GPTQ against NumPy, bad input up front."""
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -25,22 +24,14 @@ from sparseformer.train.compression import gptq, quantize, quantize_command, qua
 INT8_DELTA_LOSS = 0.02  # |eval loss int8 - f32| bound (nats/token) for the 8-step tiny model; measured ~1e-3
 
 
-def _tree_digest(directory: str) -> dict[str, str]:
-  digests = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as file:
-        digests[os.path.relpath(path, directory)] = hashlib.sha256(file.read()).hexdigest()
-  return digests
 
 
-def test_ptq_round_trip_int8_and_source_untouched(tiny_config, tmp_path, capsys):
+def test_ptq_round_trip_int8_and_source_untouched(tiny_config, tmp_path, capsys, tree_digest):
   source, out = str(tmp_path / "run"), str(tmp_path / "int8")
   trainer.train(tiny_config(steps=8, checkpoint_every=8), source)
-  before = _tree_digest(source)
+  before = tree_digest(source)
   assert cli.main(["quantize", "--workdir", source, "--scheme", "int8", "--out", out]) == 0
-  assert _tree_digest(source) == before  # the source is only read
+  assert tree_digest(source) == before  # the source is only read
   report = json.load(open(os.path.join(out, quantize_command.REPORT_FILE), encoding="utf-8"))
   for key in ("loss", "bits_per_byte"):
     assert np.isfinite(report["quantized"][key]) and np.isfinite(report["original"][key])
