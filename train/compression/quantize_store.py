@@ -1,8 +1,8 @@
 """A quantized workdir on disk: `quantization.json` (the marker: scheme, source, step) + `quantized/weights.npz`.
 
 Every array of the quantized model's state is stored flat under its path ('blocks/0/ffn/w_up/array/qvalue'); a
-sub-byte integer array (int4, uint4 for nf4, int2) is bit-packed, two or four values per byte, so the file holds
-the weights at their real width and `stored_bytes` is what they cost. Loading rebuilds the quantized model's
+sub-byte integer array (int4, uint4 for nf4, int2) is bit-packed, two or four values per byte (an int4 container
+whose values fit in 2 bits, as qwix's emulated int2, at four per byte), so the file holds the weights at their real width and `stored_bytes` is what they cost. Loading rebuilds the quantized model's
 structure from the config and scheme (quantize.abstract_quantized_model) and fills it with these arrays.
 """
 
@@ -54,7 +54,11 @@ def encode(leaves: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     host = np.asarray(value)
     layout[path] = {"dtype": dtype, "shape": list(host.shape)}
     if dtype in _SUB_BYTE:
-      arrays[path] = pack(host.astype(np.int8), _SUB_BYTE[dtype][0])
+      # qwix emulates int2 in an int4 container: pack at the narrowest width that holds the values (lossless).
+      bits, signed = _SUB_BYTE[dtype]
+      narrow = host.size and (-2 <= host.min() and host.max() <= 1 if signed else host.max() <= 3)
+      layout[path]["bits"] = bits = 2 if narrow else bits
+      arrays[path] = pack(host.astype(np.int8), bits)
     elif dtype == "bfloat16" or dtype.startswith("float8"):
       arrays[path] = host.view(np.uint16 if dtype == "bfloat16" else np.uint8)
     else:
@@ -69,7 +73,7 @@ def decode(arrays, layout: dict) -> dict:
     dtype, shape = entry["dtype"], tuple(entry["shape"])
     stored = arrays[path]
     if dtype in _SUB_BYTE:
-      bits, signed = _SUB_BYTE[dtype]
+      bits, signed = entry.get("bits", _SUB_BYTE[dtype][0]), _SUB_BYTE[dtype][1]
       values = unpack(stored, bits, signed, int(np.prod(shape, dtype=np.int64)))
       out[path] = jnp.asarray(values.astype(np.int8).reshape(shape).astype(getattr(ml_dtypes, dtype)))
     elif dtype == "bfloat16" or dtype.startswith("float8"):

@@ -182,3 +182,18 @@ def test_gptq_scheme_calibrates_projections(seed):
   result = quantize.quantize_model(config, scheme, params, extra, seq_len=16, calibration=calibration)
   assert {"blocks/0/attention/wq", "blocks/0/ffn/w_down"} <= set(result.gptq_weights)
   assert result.unquantized == []
+
+
+def test_int4_container_of_2_bit_values_is_stored_at_2_bits(seed):
+  """qwix keeps emulated int2 in an int4 array: stored four values per byte, read back exactly; real int4 stays 4-bit."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  two_bit = jnp.asarray(rng.integers(-2, 2, size=(8, 16)).astype(ml_dtypes.int4))
+  four_bit = jnp.asarray(np.concatenate([[-8, 7], rng.integers(-8, 8, size=126)]).reshape(8, 16).astype(ml_dtypes.int4))
+  arrays, layout = quantize_store.encode({"a": two_bit, "b": four_bit})
+  assert arrays["a"].size == 128 // 4 and arrays["b"].size == 128 // 2
+  decoded = quantize_store.decode(arrays, layout)
+  for name, original in (("a", two_bit), ("b", four_bit)):
+    assert decoded[name].dtype == original.dtype
+    np.testing.assert_array_equal(np.asarray(decoded[name], np.int64), np.asarray(original, np.int64))
