@@ -1,5 +1,6 @@
 """Auxiliary-loss-free load balancing (Wang et al. 2024, DeepSeek): no balancing, the Switch aux loss, bias balancing.
 
+    sparseformer train --experiment aux_free_balancing --variant bias   # one run of the study
     sparseformer sweep run --experiment aux_free_balancing --out sweeps/aux_free_balancing --parallel 2
     sparseformer sweep report sweeps/aux_free_balancing
 

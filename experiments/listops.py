@@ -1,5 +1,6 @@
 """ListOps (Long Range Arena): dense, local, BigBird and Longformer attention, scaled from 2K to 512 tokens on CPU.
 
+    sparseformer train --experiment listops --variant global   # one run of the study
     sparseformer sweep run --experiment listops --out sweeps/listops --parallel 2
     sparseformer sweep report sweeps/listops
 

@@ -1,5 +1,6 @@
 """Sparse attention on language modelling: every attention kind on the stdlib corpus, bits per byte vs FLOPs.
 
+    sparseformer train --experiment sparse_lm --variant global   # one run of the study
     sparseformer sweep run --experiment sparse_lm --out sweeps/sparse_lm --parallel 2
     sparseformer sweep report sweeps/sparse_lm
     python -m sparseformer.experiments.sparse_lm sweeps/sparse_lm   # the frontier table: bpb vs attention FLOPs

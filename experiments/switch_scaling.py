@@ -1,5 +1,6 @@
 """Switch Transformer scaling at equal active FLOPs: dense against top-1 MoE with 2, 4, 8 and 16 experts.
 
+    sparseformer train --experiment switch_scaling --variant dense   # one run of the study
     sparseformer sweep run --experiment switch_scaling --out sweeps/switch_scaling --parallel 2
     sparseformer sweep report sweeps/switch_scaling
 

@@ -40,7 +40,8 @@ results = {
     "STEPS": namespace["STEPS"],
     "attention_error": namespace["attention_error"],
     "logits_finite": bool(np.isfinite(np.asarray(namespace["logits"])).all()),
-    "summaries": [{key: float(value) for key, value in summary.items()} for summary in summaries],
+    "summaries": [{key: float(value) for key, value in summary.items() if not isinstance(value, str)}
+                  for summary in summaries],  # strings: e.g. the energy method label
     "sweep_status": namespace["sweep_status"],
     "variant_patterns": [list(namespace["variant"].model.attention_pattern),
                          list(namespace["variant"].model.ffn_pattern)],
