@@ -38,9 +38,8 @@ RESUMABLE_CHANGES = ("name", "train.steps", "train.stop_at_step", "train.log_eve
                      "data.mqar.eval_mixes", "data.passkey.eval_mixes",  # evaluation only
                      "model.attention.dsa.stage",  # DSA warm-up -> sparse switch (DeepSeek-V3.2-Exp's two stages)
                      "train.energy.",  # accounting only
-                     "train.quantization.")  # QAT fine-tuning of a float run (same parameters)
-
-RESUMABLE_CHANGES += ("train.prune_masks",)  # pruning masks are re-read at every start (compression/prune_masks.py)
+                     "train.quantization.",  # QAT fine-tuning of a float run (same parameters)
+                     "train.prune_masks")  # pruning masks are re-read at every start (compression/prune_masks.py)
 
 
 class NonFiniteError(RuntimeError):
