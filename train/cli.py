@@ -1,4 +1,4 @@
-"""`sparseformer` command line: train, eval, sample, experiments, show-config, sweep."""
+"""`sparseformer` command line: train, eval, sample, experiments, show-config, sweep, quantize, prune."""
 
 import argparse
 import json
