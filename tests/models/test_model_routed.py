@@ -26,7 +26,10 @@ def _model_config(kind: str):
   return dataclasses.replace(presets.tiny(), max_seq_len=SEQ, attention=SPARSE, attention_pattern=("local", kind))
 
 
-@pytest.mark.parametrize("kind", ROUTED_KINDS)
+# dsa_block in the slow run only (suite budget): it shares dsa's indexer and training path and moba's block path,
+# and the slow 4-kind CLI test (tests/train/test_cli_routed.py) trains it.
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=[pytest.mark.slow] if kind == "dsa_block" else [])
+                                  for kind in ROUTED_KINDS])
 def test_local_plus_routed_model_trains_and_logs_attention_metrics(kind):
   config = _model_config(kind)
   model = DecoderLM(config, rngs=nnx.Rngs(0))
