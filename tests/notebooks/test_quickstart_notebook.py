@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "notebooks" / "quickstart.ipynb"
 
 # Runs in the child process: argv = notebook, results JSON. Executes every code cell (a cell that raises
@@ -73,6 +75,7 @@ def test_notebook_is_valid_nbformat4_with_no_outputs():
       assert "outputs" not in cell and "execution_count" not in cell, index
 
 
+@pytest.mark.slow  # 65-85 s of the default suite's budget; run before touching the notebook or the APIs it calls
 def test_notebook_runs_top_to_bottom(tmp_path):
   env = dict(os.environ)
   env.update(
