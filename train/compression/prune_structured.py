@@ -131,19 +131,23 @@ def slice_tree(tree, slices: dict[str, tuple[int, np.ndarray]]):
   return jax.tree.map_with_path(cut, tree)
 
 
+def eval_forward(graphdef):
+  """Jitted eval-mode forward (params, extra, tokens) -> logits of the model `graphdef` describes."""
+
+  @jax.jit
+  def forward(params, extra, tokens):
+    model = nnx.merge(graphdef, params, extra, copy=True)
+    model.eval()
+    return model(tokens)[0]
+
+  return forward
+
+
 def forward_seconds(models, tokens, repeats: int = 7) -> list[float]:
   """Median wall time of the jitted eval forward pass on `tokens` for each (graphdef, params, extra) in
   `models`, measured side by side (the models alternate within each repeat, after one compile-and-run each)."""
 
-  def compiled(graphdef):
-    @jax.jit
-    def forward(params, extra, tokens):
-      model = nnx.merge(graphdef, params, extra, copy=True)
-      model.eval()
-      return model(tokens)[0]
-    return forward
-
-  forwards = [compiled(graphdef) for graphdef, _, _ in models]
+  forwards = [eval_forward(graphdef) for graphdef, _, _ in models]
   for forward, (_, params, extra) in zip(forwards, models):
     forward(params, extra, tokens).block_until_ready()
   times = [[] for _ in models]
