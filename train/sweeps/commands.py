@@ -3,7 +3,8 @@
     sparseformer sweep plan --experiment NAME [--set key=value ...]
     sparseformer sweep run --experiment NAME --out DIR [--parallel N] [--engine local|ray] [--ray-address ADDR]
     sparseformer sweep status DIR
-    sparseformer sweep report DIR
+    sparseformer sweep report DIR [--target METRIC:VARIANT] [--train-metrics PATTERN[,PATTERN]]
+                                  [--frontier-x MODULE:FUNCTION]
 
 Parsing imports nothing heavy; each command imports what it needs when it runs.
 """
@@ -51,6 +52,14 @@ def add_parser(commands) -> None:
   status.add_argument("dir")
   report = actions.add_parser("report", help="results.csv, summary.md and plots from the runs' files")
   report.add_argument("dir")
+  # Each default: the SWEEP's `report` dict stored in sweep.json (report_options.py); `none` turns it off.
+  report.add_argument("--target", metavar="METRIC:VARIANT",
+                      help="steps for every variant to reach VARIANT's final METRIC, e.g. eval/loss:dense")
+  report.add_argument("--train-metrics", metavar="PATTERN[,PATTERN]",
+                      help="tables and curves of logged metrics, e.g. 'train/layer*/moe/max_violation'")
+  report.add_argument("--frontier-x", metavar="MODULE:FUNCTION",
+                      help="frontier plot of select against FUNCTION(variant, overrides), e.g. "
+                      "sparseformer.experiments.sparse_lm:attention_flops_per_token")
 
 
 def _plan(args):
@@ -59,9 +68,9 @@ def _plan(args):
                    learning_rates=args.learning_rates)
 
 
-def _write_report(sweep_dir: str) -> dict:
+def _write_report(sweep_dir: str, **options) -> dict:
   from sparseformer.train.sweeps import report  # pylint: disable=import-outside-toplevel
-  return report.write_report(sweep_dir)
+  return report.write_report(sweep_dir, **options)
 
 
 def _print_report(result: dict) -> None:
@@ -140,6 +149,7 @@ def run(args) -> int:
   if args.sweep_command == "report":
     if not os.path.isdir(args.dir):
       raise FileNotFoundError(f"{args.dir} is not a directory: pass the --out directory of `sparseformer sweep run`.")
-    _print_report(_write_report(args.dir))
+    flags = {"target": args.target, "train_metrics": args.train_metrics, "frontier_x": args.frontier_x}
+    _print_report(_write_report(args.dir, **{key: value for key, value in flags.items() if value is not None}))
     return 0
   raise AssertionError(args.sweep_command)

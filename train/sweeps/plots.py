@@ -6,7 +6,10 @@
     <select>_vs_learning_rate.png   the seed-mean against every tried learning rate (the choice circled),
                                 one panel per grid point: shows whether the chosen rate sits at an edge
     curve_<metric>.png          learning curves (select and train/loss against step) at the chosen rate,
-                                mean over seeds with a ± std band, one panel per grid point
+                                mean over seeds with a ± std band, one panel per grid point; for each metric
+                                of --train-metrics (train_metrics.py) the same with a min-max band over seeds
+    frontier_<select>.png       with --frontier-x (frontier.py): the seed-mean of select against x per
+                                variant, log x, points labelled, the Pareto frontier as a step line
 
 A log x axis is used where the positive values span more than 10x.
 """
@@ -17,6 +20,8 @@ import os
 import re
 
 import numpy as np
+
+from sparseformer.train.sweeps import stats
 
 PANEL_SIZE = (4.6, 3.4)  # inches per panel
 TRAIN_LOSS = "train/loss"
@@ -140,28 +145,48 @@ def plot_against_learning_rate(report, path: str) -> None:
         "\ncircled: chosen; error bars: std over seeds")
 
 
-def plot_learning_curves(report, metric: str, path: str) -> None:
-  """`metric` against step at the chosen learning rate: mean over seeds, band of ± std."""
+def plot_learning_curves(report, metric: str, path: str, band: str = "std") -> None:
+  """`metric` against step at the chosen learning rate: mean over seeds at the steps every seed logged, with a
+  band of ± std (band="std") or from the min to the max over seeds (band="range")."""
   panels = _panels(report.points, report.point_fields)
   figure, axes = _figure(len(panels))
   for ax, (key, points) in zip(axes, panels.items()):
     for point in points:
-      curves = [run.series(metric) for run in point.runs]
-      curves = [curve for curve in curves if curve[0].size]
-      if not curves:
+      steps, values = stats.seed_curves([run.series(metric) for run in point.runs])
+      if not steps.size:
         continue
-      steps = curves[0][0]
-      for other_steps, _ in curves[1:]:
-        steps = np.intersect1d(steps, other_steps)  # the steps every seed logged
-      values = np.stack([curve_values[np.searchsorted(curve_steps, steps)] for curve_steps, curve_values in curves])
       mean = values.mean(axis=0)
-      line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{point.variant} (lr {point.choice.learning_rate:.3g}, n={len(curves)})")
-      if len(curves) > 1:
-        std = values.std(axis=0, ddof=1)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.25, color=line.get_color(), linewidth=0)
+      line, = ax.plot(steps, mean, marker="o", markersize=3,
+                      label=f"{point.variant} (lr {point.choice.learning_rate:.3g}, n={len(values)})")
+      if len(values) > 1:
+        low, high = ((mean - values.std(axis=0, ddof=1), mean + values.std(axis=0, ddof=1)) if band == "std" else
+                     (values.min(axis=0), values.max(axis=0)))
+        ax.fill_between(steps, low, high, alpha=0.25, color=line.get_color(), linewidth=0)
     ax.set(xlabel="step", ylabel=metric, title=_panel_title(report.point_fields, key))
+  shown = "± std" if band == "std" else "min to max over seeds"
   _save(figure, axes, path, f"{report.sweep.get('experiment', '')}: {metric} during training at the chosen learning "
-        "rate\nmean over seeds, band: ± std")
+        f"rate\nmean over seeds, band: {shown}")
+
+
+def plot_frontier(report, path: str) -> None:
+  """report.frontier_rows: the selection metric's seed-mean against x, log x, the Pareto frontier as steps."""
+  select, spec = report.sweep["select"], report.options.frontier_x
+  panels = _panels(report.frontier_rows, report.point_fields)
+  figure, axes = _figure(len(panels))
+  for ax, (key, rows) in zip(axes, panels.items()):
+    shown = [row for row in rows if row.summary.n]
+    ax.plot([row.x for row in shown], [row.summary.mean for row in shown], "o", label="variants")
+    for row in shown:
+      ax.annotate(row.variant, (row.x, row.summary.mean), textcoords="offset points", xytext=(4, 4),
+                  fontsize="small")
+    front = sorted((row for row in shown if row.on_frontier), key=lambda row: row.x)
+    ax.step([row.x for row in front], [row.summary.mean for row in front], where="post", color="black",
+            alpha=0.6, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set(xlabel=spec.rpartition(":")[2], ylabel=f"{select} (mean over seeds)",
+           title=_panel_title(report.point_fields, key))
+  _save(figure, axes, path, f"{report.sweep.get('experiment', '')}: {select} {report.compare_label} vs {spec}\n"
+        "at the chosen learning rate; frontier: points no cheaper point beats")
 
 
 def write_plots(report, out_dir: str) -> list[str]:
@@ -183,4 +208,11 @@ def write_plots(report, out_dir: str) -> list[str]:
   for metric in dict.fromkeys([select, TRAIN_LOSS]):
     names.append(f"curve_{_slug(metric)}.png")
     plot_learning_curves(report, metric, os.path.join(out_dir, names[-1]))
+  for metric in report.train_metric_names:
+    if f"curve_{_slug(metric)}.png" not in names:  # select and train/loss keep their ± std plot
+      names.append(f"curve_{_slug(metric)}.png")
+      plot_learning_curves(report, metric, os.path.join(out_dir, names[-1]), band="range")
+  if report.frontier_rows is not None:
+    names.append(f"frontier_{_slug(select)}.png")
+    plot_frontier(report, os.path.join(out_dir, names[-1]))
   return names

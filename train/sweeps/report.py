@@ -9,6 +9,20 @@ contract of store.py) and writes
     DIR/plots/*.png              plots.py
     DIR/tensorboard_hparams/     hparams.py (`tensorboard --logdir DIR`, HPARAMS tab)
 
+and, where asked for by a flag of `sweep report` or by the SWEEP's `report` dict stored in sweep.json (the
+flag wins, `none` turns a stored one off; report_options.py):
+
+    --target METRIC:VARIANT      steps_to_target.csv + a summary.md table: per variant and seed, the first logged
+                                 step (interpolated) at which METRIC reaches VARIANT's seed-mean final value at
+                                 the same grid point, or "not reached"; mean ± std and speedup (targets.py)
+    --train-metrics PATTERN,...  train_metrics.csv + a table per metric (mean over training, over the last 10 %,
+                                 final, max; seed-mean ± std) and plots/curve_<metric>.png (train_metrics.py)
+    --frontier-x MODULE:FUNC     frontier.csv + a table, plots/frontier_<select>.png: select against
+                                 FUNC(variant, overrides), the Pareto frontier as a step line (frontier.py)
+
+Every option is checked (an unknown variant, a pattern matching no metric, a bad function) before any file is
+written. A sweep.json without "report" (planned before it existed) reports as before.
+
 Metrics are compared at equal steps, tokens or FLOPs (sweep.json `compare_at`): the budget is the smallest
 final step / token count / FLOP count of the finished runs, and each run contributes its last logged value
 at or before it (the final value when every run trains the same budget). Only finished ("done") runs enter
@@ -17,9 +31,7 @@ temporary directory and moved into place at the end, so a failing report leaves 
 """
 
 import ast
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -29,7 +41,7 @@ import tempfile
 import numpy as np
 
 from sparseformer.train import overrides
-from sparseformer.train.sweeps import hparams, plots, stats, store
+from sparseformer.train.sweeps import hparams, option_tables, plots, report_options, stats, store, tables
 
 LEARNING_RATE_FIELD = "train.learning_rate"
 SEED_FIELDS = ("train.seed", "data.seed")
@@ -211,6 +223,7 @@ class PointSummary:
   select_by_rate: dict  # learning rate -> [select value of each finished run]
   runs: list  # finished RunResults at the chosen learning rate
   metrics: dict  # metric -> stats.Summary over `runs`, at the comparison budget
+  overrides: list = dataclasses.field(default_factory=list)  # the --set list of the point's first planned run
 
 
 @dataclasses.dataclass
@@ -224,6 +237,13 @@ class Report:
   metrics: list  # eval metrics (select first) + train/loss
   budget: float | None  # comparison point in units of sweep["compare_at"]; None with no finished run
   points: list  # PointSummary, in plan order
+  options: report_options.ReportOptions = report_options.ReportOptions()
+  target_rows: list | None = None  # targets.TargetRow per point, with options.target
+  target_direction: str | None = None
+  train_metric_names: list = dataclasses.field(default_factory=list)  # matched by options.train_metrics
+  train_rows: list = dataclasses.field(default_factory=list)  # train_metrics.MetricRow
+  train_skipped: list = dataclasses.field(default_factory=list)  # [(metric, why)] matched but not numeric
+  frontier_rows: list | None = None  # frontier.FrontierRow per point, with options.frontier_x
 
   @property
   def compare_label(self) -> str:
@@ -234,10 +254,15 @@ class Report:
     return f"at equal {unit} ({shown})"
 
 
-def analyze(sweep_dir: str) -> Report:
-  """Reads the sweep and computes the report; writes nothing. ValueError on a malformed or foreign DIR."""
+def analyze(sweep_dir: str, **options) -> Report:
+  """Reads the sweep and computes the report; writes nothing. ValueError on a malformed or foreign DIR.
+
+  options: target / train_metrics / frontier_x as the flags give them (report_options.py); an option not
+  given falls back to sweep.json's "report", and "none" turns it off.
+  """
   sweep = store.load_sweep(sweep_dir)
   _check_sweep(sweep_dir, sweep)
+  resolved = report_options.resolve(sweep.get("report"), **options)
   runs = load_runs(sweep_dir, sweep)
   excluded = {LEARNING_RATE_FIELD, *SEED_FIELDS}
   swept_fields = [field for field in sweep.get("swept_fields", []) if field not in excluded]
@@ -276,8 +301,10 @@ def analyze(sweep_dir: str) -> Report:
     chosen = [run for run in members if run.status == "done" and run.learning_rate == choice.learning_rate]
     summaries = {metric: stats.summarize([run.at(metric, unit, budget) for run in chosen]) for metric in metrics}
     points.append(PointSummary(variant, {field: members[0].grid.get(field) for field in point_fields},
-                               len(members), choice, select_by_rate, chosen, summaries))
-  return Report(sweep, runs, swept_fields, point_fields, metrics, budget, points)
+                               len(members), choice, select_by_rate, chosen, summaries, members[0].overrides))
+  report = Report(sweep, runs, swept_fields, point_fields, metrics, budget, points)
+  option_tables.add_options(report, resolved)
+  return report
 
 
 def coverage_line(runs: list) -> str:
@@ -294,23 +321,7 @@ def coverage_line(runs: list) -> str:
   return f"report covers {done} of {len(runs)} runs: {missing}"
 
 
-def _cell(value) -> str:
-  """A CSV cell: blank for missing / NaN, round-trip repr for floats, JSON for lists."""
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return ""
-  if isinstance(value, float):
-    return repr(value)
-  if isinstance(value, (list, tuple, dict)):
-    return json.dumps(value)
-  return str(value)
-
-
-def _csv(header: list, rows: list) -> str:
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(header)
-  writer.writerows([[_cell(value) for value in row] for row in rows])
-  return buffer.getvalue()
+_cell, _csv, _number, _text, _table = tables.cell, tables.csv_text, tables.number, tables.text, tables.markdown_table
 
 
 def results_csv(report: Report) -> str:
@@ -342,20 +353,6 @@ def summary_csv(report: Report) -> str:
                    report.sweep["compare_at"], report.budget, metric, summary.n, summary.mean, summary.std,
                    summary.ci_low, summary.ci_high])
   return _csv(header, rows)
-
-
-def _number(value) -> str:
-  return "–" if value is None or math.isnan(value) else f"{value:.4g}"
-
-
-def _text(value) -> str:
-  text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-  return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list, rows: list) -> list[str]:
-  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-         ["| " + " | ".join(row) + " |" for row in rows]
 
 
 EDGE_FLAG = "⚠ edge"
@@ -404,6 +401,7 @@ def summary_markdown(report: Report) -> str:
     selected = " (selection metric)" if metric == sweep["select"] else ""
     lines += ["", f"## `{metric}` {label}{selected}", ""]
     lines += _table(["variant", *report.point_fields, "learning rate", "n", "mean ± std", "95 % interval"], rows)
+  lines += option_tables.sections(report)
   left_out = [run for run in report.runs if run.status != "done"]
   if left_out:
     rows = [[_text(run.name), run.status, _cell(run.steps) or "–", _text(run.error or "")[:300]] for run in left_out]
@@ -422,18 +420,22 @@ def _replace_dir(source: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_report(sweep_dir: str) -> dict:
-  """Writes results.csv, summary.csv, summary.md, plots/ and tensorboard_hparams/ into `sweep_dir`.
+def write_report(sweep_dir: str, **options) -> dict:
+  """Writes results.csv, summary.csv, summary.md, plots/ and tensorboard_hparams/ into `sweep_dir`, and the
+  CSVs of the options (`analyze`): steps_to_target.csv, train_metrics.csv, frontier.csv.
 
   Returns {"results_csv", "summary_csv", "summary_md", "plots": [paths], "hparams_dir", "runs",
-  "done", "failed", "not_done", "coverage"}. Everything is computed and drawn before the first output is
-  replaced, so an error leaves the previous report as it was.
+  "done", "failed", "not_done", "coverage"}, plus the path of each option CSV (e.g. "steps_to_target_csv") and
+  "skipped" (train metrics not tabulated, and why) where there are any. Everything is computed and drawn
+  before the first output is replaced, so an error leaves the previous report as it was; an option CSV of an
+  earlier report that this one does not write is removed with it.
   """
-  report = analyze(sweep_dir)
+  report = analyze(sweep_dir, **options)
+  extra = option_tables.files(report)
   staging = tempfile.mkdtemp(prefix=".report-", dir=sweep_dir)
   try:
     files = {"results.csv": results_csv(report), "summary.csv": summary_csv(report),
-             "summary.md": summary_markdown(report)}
+             "summary.md": summary_markdown(report), **extra}
     for name, text in files.items():
       with open(os.path.join(staging, name), "w", encoding="utf-8", newline="") as file:
         file.write(text)
@@ -441,6 +443,9 @@ def write_report(sweep_dir: str) -> dict:
     hparams.write_hparams(os.path.join(staging, "tensorboard_hparams"), hparams.sessions(report))
     for name in files:
       os.replace(os.path.join(staging, name), os.path.join(sweep_dir, name))
+    for name in set(option_tables.FILES) - set(extra):
+      if os.path.exists(os.path.join(sweep_dir, name)):
+        os.remove(os.path.join(sweep_dir, name))
     _replace_dir(os.path.join(staging, "plots"), os.path.join(sweep_dir, "plots"))
     _replace_dir(os.path.join(staging, "tensorboard_hparams"), os.path.join(sweep_dir, "tensorboard_hparams"))
   finally:
@@ -451,4 +456,7 @@ def write_report(sweep_dir: str) -> dict:
           "plots": [os.path.join(sweep_dir, "plots", name) for name in plot_names],
           "hparams_dir": os.path.join(sweep_dir, "tensorboard_hparams"), "runs": len(statuses),
           "done": statuses.count("done"), "failed": statuses.count("failed"),
-          "not_done": len(statuses) - statuses.count("done"), "coverage": coverage_line(report.runs)}
+          "not_done": len(statuses) - statuses.count("done"), "coverage": coverage_line(report.runs),
+          **{name.replace(".", "_"): os.path.join(sweep_dir, name) for name in extra},
+          **({"skipped": "; ".join(f"{name} ({why})" for name, why in report.train_skipped)}
+             if report.train_skipped else {})}

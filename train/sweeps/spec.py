@@ -9,6 +9,10 @@
         select="eval/loss",                     # the metric that picks the learning rate in the report
         select_mode="min",                      # max | min (default: min for */loss, */bits_per_byte, else max)
         compare_at="steps",                     # steps | tokens | flops held equal across the compared runs
+        report=dict(                            # optional extras of `sweep report` (report_options.py)
+            target="eval/loss:dense",           #   steps for every variant to reach dense's final eval/loss
+            train_metrics=["train/layer*/moe/max_violation"],  # tables + curves of logged train metrics
+            frontier_x="sparseformer.experiments.sparse_lm:attention_flops_per_token"),  # select vs x frontier
     )
 
 The learning rate is swept per grid point because the best one moves with width (Yang et al. 2022,
@@ -25,8 +29,9 @@ import re
 from typing import Any
 
 from sparseformer.train import overrides as overrides_lib
+from sparseformer.train.sweeps import report_options
 
-SWEEP_KEYS = ("variants", "grid", "learning_rates", "seeds", "select", "select_mode", "compare_at")
+SWEEP_KEYS = ("variants", "grid", "learning_rates", "seeds", "select", "select_mode", "compare_at", "report")
 SELECT_MODES = ("max", "min")
 COMPARE_AT = ("steps", "tokens", "flops")
 SEED_FIELDS = ("train.seed", "data.seed")
@@ -62,13 +67,15 @@ class Plan:
   compare_at: str
   swept_fields: tuple[str, ...]  # grid fields taking more than one value
   runs: tuple[Run, ...]
+  report: dict = dataclasses.field(default_factory=dict)  # SWEEP['report'], normalized (report_options.py)
 
   def to_json(self) -> dict:
-    """The DIR/sweep.json document (store.py)."""
+    """The DIR/sweep.json document (store.py); "report" only when the SWEEP has one."""
     from sparseformer.train.sweeps import store  # pylint: disable=import-outside-toplevel
-    return {"format": store.FORMAT, "experiment": self.experiment, "overrides": list(self.overrides),
-            "select": self.select, "select_mode": self.select_mode, "compare_at": self.compare_at,
-            "swept_fields": list(self.swept_fields), "runs": [run.to_json() for run in self.runs]}
+    document = {"format": store.FORMAT, "experiment": self.experiment, "overrides": list(self.overrides),
+                "select": self.select, "select_mode": self.select_mode, "compare_at": self.compare_at,
+                "swept_fields": list(self.swept_fields), "runs": [run.to_json() for run in self.runs]}
+    return document | ({"report": dict(self.report)} if self.report else {})
 
 
 def default_select_mode(select: str) -> str:
@@ -233,6 +240,8 @@ def validate(sweep: Any) -> None:
     raise ValueError(f"SWEEP['select_mode']={sweep['select_mode']!r}; set it to one of {SELECT_MODES}.")
   if sweep.get("compare_at", "steps") not in COMPARE_AT:
     raise ValueError(f"SWEEP['compare_at']={sweep['compare_at']!r}; set it to one of {COMPARE_AT}.")
+  if "report" in sweep:
+    report_options.normalize(sweep["report"])
   variants = sweep.get("variants")
   if "variants" in sweep:
     if not isinstance(variants, dict) or not variants:
@@ -293,9 +302,25 @@ def expand(experiment: str, base: Any, sweep: dict, cli_overrides: list[str] = (
             raise ValueError(f"Run {name} of experiment {experiment!r} is invalid: {error}") from error
           runs.append(Run(name, variant, grid, learning_rate, seed, tuple(sets)))
   varying = [field for field in grid_fields if len({repr(run.grid[field]) for run in runs}) > 1]
+  report = _check_report(sweep.get("report", {}), list(sweep.get("variants") or {"base": []}))
   return Plan(experiment=experiment, overrides=tuple(cli_overrides), select=select,
               select_mode=sweep.get("select_mode", default_select_mode(select)),
-              compare_at=sweep.get("compare_at", "steps"), swept_fields=tuple(varying), runs=tuple(runs))
+              compare_at=sweep.get("compare_at", "steps"), swept_fields=tuple(varying), runs=tuple(runs),
+              report=report)
+
+
+def _check_report(report: dict, variants: list[str]) -> dict:
+  """SWEEP['report'] normalized, its reference variant and x function checked at plan time."""
+  report = report_options.normalize(report)
+  if "target" in report:
+    _, reference = report_options.parse_target(report["target"], report_options.sweep_key("target"))
+    if reference not in variants:
+      raise ValueError(f"{report_options.sweep_key('target')}={report['target']!r}: reference variant "
+                       f"{reference!r} is not in SWEEP['variants'] ({', '.join(variants)}); name one of them.")
+  if "frontier_x" in report:
+    from sparseformer.train.sweeps import frontier  # pylint: disable=import-outside-toplevel
+    frontier.load_function(report["frontier_x"], report_options.sweep_key("frontier_x"))
+  return report
 
 
 def plan(experiment: str, cli_overrides: list[str] = (), **selection) -> Plan:

@@ -137,3 +137,15 @@ def metric_direction(name: str) -> str | None:
   if "loss" in leaf or leaf in ("bits_per_byte", "perplexity"):
     return "min"
   return None
+
+
+def seed_curves(series: list) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values [n_seeds, n_steps]) of the steps every one of `series` ((steps, values) arrays in step
+  order, one per seed) logged; series with no point are left out. ([], [0, 0]) when none has a point."""
+  curves = [(np.asarray(steps), np.asarray(values, np.float64)) for steps, values in series if len(steps)]
+  if not curves:
+    return np.zeros(0, np.int64), np.zeros((0, 0), np.float64)
+  common = curves[0][0]
+  for steps, _ in curves[1:]:
+    common = np.intersect1d(common, steps)
+  return common, np.stack([values[np.searchsorted(steps, common)] for steps, values in curves])

@@ -154,3 +154,44 @@ def test_plan_of_an_experiment_file_and_of_a_registered_experiment(tmp_path):
   assert [run.variant for run in plan.runs] == list(experiments.variants("moe_ablation"))
   with pytest.raises(ValueError, match="Experiment file nowhere.py not found"):
     spec.plan("nowhere.py")
+
+
+REPORT = {"target": "eval/example_accuracy:global", "train_metrics": "train/layer*/moe/max_violation,train/loss",
+          "frontier_x": "math:hypot"}
+
+
+def test_the_report_dict_is_stored_in_sweep_json_and_absent_without_one():
+  document = _expand(dict(SWEEP, report=REPORT)).to_json()
+  assert document["report"] == {"target": "eval/example_accuracy:global", "frontier_x": "math:hypot",
+                                "train_metrics": ["train/layer*/moe/max_violation", "train/loss"]}
+  assert "report" not in _expand().to_json()  # as planned before `report` existed
+  # sweep.json's identity (resuming a sweep) does not include it
+  assert store.sweep_differences(_expand().to_json(), document) == []
+
+
+@pytest.mark.parametrize("report,message", [
+    (["target"], r"SWEEP\['report'\] must be a dict"),
+    ({"targets": "eval/loss:global"}, r"SWEEP\['report'\]: unknown keys \['targets'\]; the keys are target, "
+     r"train_metrics, frontier_x"),
+    ({"target": "eval/loss"}, r"SWEEP\['report'\]\['target'\]='eval/loss': expected METRIC:REFERENCE_VARIANT"),
+    ({"target": "eval/loss:globl"}, r"reference variant 'globl' is not in SWEEP\['variants'\] \(global, local\)"),
+    ({"train_metrics": [1]}, r"SWEEP\['report'\]\['train_metrics'\]=\[1\]: expected metric names or glob patterns"),
+    ({"train_metrics": ""}, r"SWEEP\['report'\]\['train_metrics'\] names no metric"),
+    ({"frontier_x": "math.hypot"}, r"SWEEP\['report'\]\['frontier_x'\]='math.hypot': expected MODULE:FUNCTION"),
+    ({"frontier_x": "math:hypt"}, r"SWEEP\['report'\]\['frontier_x'\]='math:hypt': math has no function 'hypt'"),
+])
+def test_a_bad_report_dict_fails_at_plan_time(report, message):
+  with pytest.raises(ValueError, match=message):
+    _expand(dict(SWEEP, report=report))
+
+
+def test_report_flags_override_the_stored_dict_and_none_turns_one_off():
+  from sparseformer.train.sweeps import report_options  # pylint: disable=import-outside-toplevel
+  stored = _expand(dict(SWEEP, report=REPORT)).report
+  options = report_options.resolve(stored, target="eval/loss:local", frontier_x="none")
+  assert options.target == ("eval/loss", "local") and options.frontier_x is None
+  assert options.train_metrics == ("train/layer*/moe/max_violation", "train/loss")
+  assert options.where == {"target": "--target", "train_metrics": "SWEEP['report']['train_metrics']"}
+  assert report_options.resolve(None) == report_options.ReportOptions()
+  with pytest.raises(TypeError, match="unknown report options"):
+    report_options.resolve(None, targets="eval/loss:local")

@@ -94,3 +94,13 @@ def test_metric_direction():
   assert stats.metric_direction("eval/loss") == "min"
   assert stats.metric_direction("eval/bits_per_byte") == "min"
   assert stats.metric_direction("train/tokens_per_second") is None
+
+
+def test_seed_curves_keep_the_steps_every_seed_logged():
+  first = (np.array([10, 20, 30, 40]), np.array([4.0, 3.0, 2.0, 1.0]))
+  second = (np.array([10, 30, 40, 50]), np.array([5.0, 3.5, 2.5, 0.5]))
+  steps, values = stats.seed_curves([first, second, (np.zeros(0, np.int64), np.zeros(0))])
+  np.testing.assert_array_equal(steps, [10, 30, 40])
+  np.testing.assert_array_equal(values, [[4.0, 2.0, 1.0], [5.0, 3.5, 2.5]])
+  steps, values = stats.seed_curves([])
+  assert steps.size == 0 and values.shape == (0, 0)
