@@ -149,6 +149,8 @@ def markdown(rows: list, point_fields: list, metric: str, reference: str, direct
     spread = tables.mean_std(row.summary) if row.all_reached else f"{reached} of {len(row.seed_steps)} reached"
     if math.isnan(row.target):
       per_seed = spread = f"no target ({reference} has no finished run here)"
+    elif not row.seed_steps:
+      per_seed, spread = "–", "no finished run"
     body.append([tables.text(row.variant)] + [tables.text(value) for value in row.point.values()] +
                 ["–" if row.learning_rate is None else f"{row.learning_rate:.3g}", tables.number(row.target),
                  per_seed or "–", spread, _steps_text(row.curve_steps) if row.seed_steps else "–",
