@@ -65,6 +65,7 @@ SWEEP = dict(
     seeds=[0, 1],
     select="eval/loss",
     compare_at="steps",
+    report=dict(train_metrics=["train/layer*/moe/max_violation"]),  # MaxVio_batch over training
 )
 
 STEP_SECONDS_QUIET = {"none": 0.88, "aux_loss": 0.81, "bias": 0.55}  # probe step time / 3.7

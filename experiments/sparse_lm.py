@@ -80,6 +80,7 @@ SWEEP = dict(
     seeds=[0],
     select="eval/bits_per_byte",
     compare_at="steps",
+    report=dict(frontier_x="sparseformer.experiments.sparse_lm:attention_flops_per_token"),
 )
 
 STEP_SECONDS_QUIET = {"global": 1.96}  # probe step time / 3.7; the other kinds not probed yet

@@ -62,6 +62,8 @@ SWEEP = dict(
     seeds=[0, 1],
     select="eval/loss",
     compare_at="steps",
+    report=dict(target="eval/loss:dense",  # steps to reach dense's final eval loss
+                train_metrics=["train/layer*/moe/dropped_fraction", "train/layer*/moe/max_violation"]),
 )
 
 # Seconds per training step on a quiet 2-core CPU: the probe's step time / 3.7 (docs/results/README.md).
