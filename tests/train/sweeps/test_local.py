@@ -116,16 +116,17 @@ def test_sweep_run_end_to_end_kill_9_mid_sweep_then_resume(tmp_path, tmp_path_fa
   env = {**os.environ, **compile_cache_env(tmp_path_factory.getbasetemp())}
   with open(tmp_path / "first.log", "w", encoding="utf-8") as log:
     sweep = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline, starting = time.monotonic() + 240, []
+    deadline, starting, trainers = time.monotonic() + 240, [], []
     while time.monotonic() < deadline and sweep.poll() is None:
       statuses = _statuses(out)
       # a run still starting up (no metrics yet) cannot finish on its own before its trainer gets the signal
       starting = [name for name, status in statuses.items() if status and status["status"] == "running"
                   and store.last_step(store.run_dir(out, name)) is None]
-      if starting and any(status and status["status"] == "done" for status in statuses.values()):
+      # the status is written just before the trainer is spawned: wait until a trainer process exists too
+      trainers = _children(sweep.pid) if starting else []
+      if trainers and any(status and status["status"] == "done" for status in statuses.values()):
         break
       time.sleep(0.1)
-    trainers = _children(sweep.pid)
     sweep.kill()
     sweep.wait()
   assert sweep.returncode == -signal.SIGKILL, open(tmp_path / "first.log", encoding="utf-8").read()
