@@ -19,23 +19,22 @@ renormalisation (Switch's gate is the top-1 softmax probability), load-balance l
 Scaled down: T5-Base (223 M, 100k steps of 2^20 tokens) becomes 0.9 M dense parameters and 600 steps of 4,096
 tokens (2.5 M tokens); 128 experts become at most 16; one learning rate (3e-3, the quickstart's), 2 seeds.
 
-Size (5 variants x 1 learning rate x 2 seeds = 10 runs of 600 steps). 12-step probes (docs/results/README.md;
-2 x86-64 cores shared with 6 other helpers, load average 5-10) gave 1.21 / 1.61 / 1.98 / 2.89 / 2.65 s per step
-for dense / e2 / e4 / e8 / e16 (e8, e16 while a second probe ran); divided by the ~3.7x load factor of a
-quickstart probe: STEP_SECONDS_QUIET. Estimate: 2 seeds x 600 steps x 2.79 s (the five variants' quiet steps
-summed) + 10 runs x ~30 s start-up / 2 at once ~= 58 min quiet at --parallel 2 (the dense probe alone suggests
-a load factor nearer 2, so the quiet time may be lower; the machine's real load decides).
+Size: 5 variants x 1 learning rate x 2 seeds = 10 runs of 600 steps, 38 min measured at --parallel 2 on a 2-core
+CPU (415-481 s per run; the 12-step probes of the last session had estimated ~58 min).
 GPU (published size does not fit 15 minutes; a larger slice that does):
     sparseformer sweep run --experiment switch_scaling --out sweeps/switch_scaling_gpu --parallel 1 \
       --set model.d_model=512 --set model.num_heads=8 --set model.num_kv_heads=8 --set model.mlp_hidden=2048 \
       --set model.moe.expert_hidden=2048 --set data.seq_len=512 --set model.max_seq_len=512 \
       --set data.batch_size=32 --set train.steps=2000
 
+Measured (2026-12-02, docs/results/switch_scaling.md; 2-core AMD EPYC, 38 min for the 10 runs at --parallel 2,
+two helpers at nice 10 beside it): NOT Switch's ordering at this scale: eval loss at 600 steps dense 1.325 +- 0.015,
+e2 1.346 +- 0.089, e4 1.554 +- 0.224, e8 1.588 +- 0.009, e16 1.365 +- 0.002 (2 seeds); 8-13 % of tokens still
+dropped at the end at E = 8, 16 (24-27 % over training), against Switch's < 1 %.
 Expect (Switch): every MoE variant below dense in eval/loss at equal steps, in the order 16 < 8 < 4 < 2 < dense,
-and reaching the dense model's final eval loss in fewer steps. Read "steps to reach dense's final loss" off
-plots/curve_eval_loss.png or each run's metrics.jsonl (eval every 50 steps): `sweep report` does not compute
-it. Watch `train/layer1/moe/dropped_fraction` (expect < ~1 %) and `train/layer1/moe/max_violation` in
-metrics.jsonl; the report tables hold only eval/* and train/loss.
+and reaching the dense model's final eval loss in fewer steps (eval every 50 steps). The SWEEP's `report` dict
+makes `sweep report` tabulate the steps to dense's final eval loss and the MoE layers' `dropped_fraction` (expect
+< ~1 %) and `max_violation` over training, with their curves.
 """
 
 import dataclasses
@@ -66,8 +65,6 @@ SWEEP = dict(
                 train_metrics=["train/layer*/moe/dropped_fraction", "train/layer*/moe/max_violation"]),
 )
 
-# Seconds per training step on a quiet 2-core CPU: the probe's step time / 3.7 (docs/results/README.md).
-STEP_SECONDS_QUIET = {"dense": 0.33, "switch_e2": 0.44, "switch_e4": 0.54, "switch_e8": 0.78, "switch_e16": 0.72}
 
 
 def config() -> RunConfig:
