@@ -77,7 +77,8 @@ class DSAAttention(nnx.Module):
                                               query_chunk=dsa.query_chunk)
         out = dsa_gather.token_gather_attention(q, k, v, selection.index, selection.valid,
                                                 query_chunk=dsa.query_chunk)
-      kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk)
+      kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk,
+                                        block_size=dsa.block_size if self.block else None)
       density = jnp.sum(selection.valid, dtype=jnp.float32) / (q.shape[0] * seq_len * seq_len)
     aux = {"aux_loss": dsa.indexer_loss_weight * kl, "indexer_kl": kl, "density": density}
     return out, aux

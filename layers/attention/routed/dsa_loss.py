@@ -80,18 +80,33 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, *, q
 
 
 def selected_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, selection: TokenSelection, *,
-                        query_chunk: int) -> jax.Array:
+                        query_chunk: int, block_size: int | None = None) -> jax.Array:
   """Sparse-stage loss: mean over tokens of KL(p_t || softmax_{s in S_t}(I[t, s])) over the selected set.
 
   p_t is the sparse attention's own distribution over S_t (softmax of the main scores over the selected
   keys, head mean), detached. `selection` [B, T, K] as from `dsa_indexer.running_top_k` (or the tokens of
   dsa_block's selected blocks). Gradients reach only `features`. Returns an f32 scalar.
+
+  block_size: the selection is `dsa.block_tokens` of blocks of this size (slot j * bs + i holds key
+  block_j * bs + i), so keys are gathered as whole blocks ([B, Cq, n] slices of bs rows) instead of one row
+  per slot: the same values (a test holds them equal), fewer and larger gathers.
   """
   batch, seq_len = q.shape[:2]
   chunk = max(1, min(query_chunk, seq_len))
   q, k = jax.lax.stop_gradient(_grouped(q, k.shape[2])), jax.lax.stop_gradient(k.astype(jnp.float32))
   index = jnp.where(selection.valid, selection.index, 0)
   gather = jax.vmap(lambda rows, ids: rows[ids])  # [B, S, ...], [B, Cq, K] -> [B, Cq, K, ...]
+  if block_size is not None:
+    if index.shape[-1] % block_size:
+      raise ValueError(f"selected_indexer_kl: {index.shape[-1]} slots are not whole blocks of block_size="
+                       f"{block_size}; pass the selection of dsa.block_tokens with its block size.")
+    num_blocks = math.ceil(seq_len / block_size)
+    index = index.reshape(*index.shape[:2], -1, block_size)[..., 0] // block_size  # [B, T, n] block ids
+    as_blocks = lambda x: jnp.pad(x, ((0, 0), (0, num_blocks * block_size - seq_len)) + ((0, 0),) * (  # noqa: E731
+        x.ndim - 2)).reshape(batch, num_blocks, block_size, *x.shape[2:])
+    blocks = jax.vmap(lambda rows, ids: rows[ids])  # [B, nk, bs, ...], [B, Cq, n] -> [B, Cq, n, bs, ...]
+    gather = lambda x, ids: (lambda g: g.reshape(*g.shape[:2], -1, *g.shape[4:]))(  # noqa: E731
+        blocks(as_blocks(x), ids))
 
   @jax.checkpoint
   def one_chunk(args):

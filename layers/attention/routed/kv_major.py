@@ -23,7 +23,9 @@ selection. A row with nothing visible returns zeros with zero gradients.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,56 +124,70 @@ def _check(q, k, v, block_index, block_kv, tile, token_mask):
                      "kv_major_tile / block size fields of the attention kind).")
 
 
-def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, block_kv: int,
-                    tile: int = 128, token_mask: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-  """Causal attention of q [B, T, H, D] over k, v [B, T, KVH, D], query t restricted to the keys <= t of its
-  selected blocks block_index int32 [B, Hl, T, S] (Hl in (1, KVH, H); any slot order, -1 empty, no
-  duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
-  Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing)."""
-  _check(q, k, v, block_index, block_kv, tile, token_mask)
-  batch, seq, heads, dim = q.shape
-  kv_heads = k.shape[2]
-  if block_index.shape[1] == 1 and kv_heads > 1:  # a shared row serves every kv group
-    block_index = jnp.repeat(block_index, kv_heads, axis=1)
-    token_mask = None if token_mask is None else jnp.repeat(token_mask, kv_heads, axis=1)
-  rows = block_index.shape[1]
-  reps = heads // rows
+class _Plan(NamedTuple):
+  """The integer side of one call (no gradient): masks and the dispatch of past-block assignments."""
+
+  own_mask: jax.Array  # bool [B, T, Hl', bk]: the keys of its own block each row sees
+  slot_assignment: jax.Array | None  # int32 [n * tile]: flat assignment (b, t, row, slot) of each tile slot or -1
+  tile_group: jax.Array | None  # int32 [n]: the (b, kv head, block) group each tile reads
+  assignment_slot: jax.Array | None  # int32 [B, T, Hl', S]: the tile slot of each assignment or -1
+  tile_mask: jax.Array | None  # bool [n, tile, bk] (token_mask rows of the tile slots) or None
+
+
+def _plan(index, mask_rows, *, kv_heads: int, block_kv: int, tile: int) -> _Plan:
+  """index int32 [B, T, Hl', S], mask_rows bool [B, T, Hl', S, bk] or None -> the call's _Plan."""
+  seq = index.shape[1]
   num_blocks = math.ceil(seq / block_kv)
-  padded = num_blocks * block_kv
-  scale = 1.0 / math.sqrt(dim) if scale is None else scale
-  q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, seq, rows, reps, dim)
-  index = jnp.transpose(block_index.astype(jnp.int32), (0, 2, 1, 3))  # [B, T, Hl', S]
-  mask_rows = None if token_mask is None else jnp.transpose(token_mask, (0, 2, 1, 3, 4))  # [B, T, Hl', S, bk]
   own_block = (jnp.arange(seq) // block_kv)[None, :, None, None]
   is_own = index == own_block  # at most one slot per row (no duplicates)
-  past = jnp.where((index >= 0) & (index < own_block), index, -1)
-
-  # Own block: causal, key < T, selected, the own slot's token_mask row.
   key = own_block * block_kv + jnp.arange(block_kv)  # [1, T, 1, bk]
   own_mask = (key <= jnp.arange(seq)[None, :, None, None]) & jnp.any(is_own, axis=-1)[..., None]
   if mask_rows is not None:
     own_mask = own_mask & jnp.any(is_own[..., None] & mask_rows, axis=-2)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-  own_out, own_lse = _own_block_attention(pad(q), pad(k), pad(v), pad(own_mask))
-  parts_lse, parts_out = [own_lse[:, :seq, :, :, None]], [own_out[:, :seq, :, :, None]]  # [B, T, Hl', R, 1(, D)]
+  if index.shape[-1] == 0 or num_blocks == 1:
+    return _Plan(own_mask, None, None, None, None)
+  past = jnp.where((index >= 0) & (index < own_block), index, -1)
+  slot_assignment, tile_group, assignment_slot = dispatch(past, kv_heads=kv_heads, num_blocks=num_blocks, tile=tile)
+  tile_mask = None
+  if mask_rows is not None:
+    tile_mask = mask_rows.reshape(-1, block_kv)[jnp.maximum(slot_assignment, 0)].reshape(-1, tile, block_kv)
+  return _Plan(own_mask, slot_assignment, tile_group, assignment_slot, tile_mask)
 
-  if index.shape[-1] > 0 and num_blocks > 1:
-    slot_assignment, tile_group, assignment_slot = dispatch(past, kv_heads=kv_heads, num_blocks=num_blocks,
-                                                            tile=tile)
-    slots = index.shape[-1]
-    used = jnp.maximum(slot_assignment, 0)
-    q_tiles = q.reshape(-1, reps, dim)[used // slots].reshape(-1, tile, reps, dim)
-    to_blocks = lambda x: pad(x).reshape(batch, num_blocks, block_kv, kv_heads, dim).transpose(  # noqa: E731
-        0, 3, 1, 2, 4).reshape(-1, block_kv, dim)  # group (b, kv head, block) -> its keys
-    tile_mask = None if mask_rows is None else mask_rows.reshape(-1, block_kv)[used].reshape(-1, tile, block_kv)
-    tile_out, tile_lse = _tile_attention(q_tiles, to_blocks(k)[tile_group], to_blocks(v)[tile_group], tile_mask)
-    taken = assignment_slot >= 0
-    slot = jnp.maximum(assignment_slot, 0)
+
+def _pad(x: jax.Array, length: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+def _key_blocks(x: jax.Array, block_kv: int) -> jax.Array:
+  """k or v [B, T, KVH, D] -> [B * KVH * nk, bk, D]: group (b, kv head, block) -> its keys (zero padded)."""
+  batch, seq, kv_heads, dim = x.shape
+  num_blocks = math.ceil(seq / block_kv)
+  return _pad(x, num_blocks * block_kv).reshape(batch, num_blocks, block_kv, kv_heads, dim).transpose(
+      0, 3, 1, 2, 4).reshape(-1, block_kv, dim)
+
+
+def _tile_rows(x: jax.Array, plan: _Plan, slots: int, tile: int) -> jax.Array:
+  """Per-row x [B, T, Hl', ...] -> its tile slots [n, tile, ...] (a slot that holds nothing reads row 0)."""
+  rows = x.reshape(-1, *x.shape[3:])[jnp.maximum(plan.slot_assignment, 0) // slots]
+  return rows.reshape(-1, tile, *x.shape[3:])
+
+
+def _forward(q, k, v, plan: _Plan, geometry):
+  """q [B, T, Hl', R, D] (pre-scaled), k, v [B, T, KVH, D] -> (out f32 [B, T, Hl', R, D], lse f32 [B, T, Hl', R])."""
+  block_kv, tile, slots = geometry
+  batch, seq, rows, reps, dim = q.shape
+  padded = math.ceil(seq / block_kv) * block_kv
+  own_out, own_lse = _own_block_attention(*(_pad(x, padded) for x in (q, k, v, plan.own_mask)))
+  parts_lse, parts_out = [own_lse[:, :seq, :, :, None]], [own_out[:, :seq, :, :, None]]  # [B, T, Hl', R, 1(, D)]
+  if plan.slot_assignment is not None:
+    k_tiles, v_tiles = (_key_blocks(x, block_kv)[plan.tile_group] for x in (k, v))
+    tile_out, tile_lse = _tile_attention(_tile_rows(q, plan, slots, tile), k_tiles, v_tiles, plan.tile_mask)
+    taken = plan.assignment_slot >= 0
+    slot = jnp.maximum(plan.assignment_slot, 0)
     past_lse = jnp.where(taken[..., None], tile_lse.reshape(-1, reps)[slot], -jnp.inf)  # [B, T, Hl', S, R]
     past_out = jnp.where(taken[..., None, None], tile_out.reshape(-1, reps, dim)[slot], 0.0)
     parts_lse.append(jnp.moveaxis(past_lse, 3, 4))
     parts_out.append(jnp.moveaxis(past_out, 3, 4))
-
   lse = jnp.concatenate(parts_lse, axis=-1)  # [B, T, Hl', R, 1 + S]
   top = jax.lax.stop_gradient(jnp.max(lse, axis=-1, keepdims=True))
   top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -180,4 +196,119 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   weights = weights / jnp.where(total > 0, total, 1.0)  # a row that sees nothing: all weights 0
   out = sum(jnp.einsum("btgrs,btgrsd->btgrd", w, o) for w, o in
             zip(jnp.split(weights, [1], axis=-1), parts_out, strict=False))
+  total_lse = jnp.where(total[..., 0] > 0, top[..., 0] + jnp.log(jnp.where(total[..., 0] > 0, total[..., 0], 1.0)),
+                        -jnp.inf)
+  return out, total_lse
+
+
+def _probs_from_lse(scores: jax.Array, mask: jax.Array, lse: jax.Array) -> jax.Array:
+  """exp(scores - the row's final lse) where mask, else 0 (a row that sees nothing has lse -inf: all 0)."""
+  finite = jnp.isfinite(lse)
+  return jnp.where(mask & finite[..., None], jnp.exp(jnp.where(mask, scores, 0.0) - jnp.where(finite, lse, 0.0)[
+      ..., None]), 0.0)
+
+
+def _own_block_backward(q, k, v, mask, lse, delta, d_out):
+  """Flash-style gradients of the own-block part (shapes as `_own_block_attention`, padded): (dq, dk, dv) f32."""
+  batch, padded, rows, reps, dim = q.shape
+  kv_heads, block = k.shape[2], mask.shape[-1]
+  blocks, per_kv = padded // block, rows // kv_heads
+  grouped = lambda x: x.reshape(batch, blocks, block, kv_heads, per_kv, *x.shape[3:])  # noqa: E731
+  kb, vb = (x.reshape(batch, blocks, block, kv_heads, dim) for x in (k, v))
+  qb, dob = grouped(q), grouped(d_out.astype(v.dtype))
+  scores = jnp.einsum("bnqkgrd,bnskd->bnqkgrs", qb, kb, preferred_element_type=jnp.float32)
+  probs = _probs_from_lse(scores, grouped(mask)[:, :, :, :, :, None, :], grouped(lse))
+  d_probs = jnp.einsum("bnqkgrd,bnskd->bnqkgrs", dob, vb, preferred_element_type=jnp.float32)
+  d_scores = probs * (d_probs - grouped(delta)[..., None])
+  dq = jnp.einsum("bnqkgrs,bnskd->bnqkgrd", d_scores.astype(k.dtype), kb, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bnqkgrs,bnqkgrd->bnskd", d_scores.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+  dv = jnp.einsum("bnqkgrs,bnqkgrd->bnskd", probs.astype(v.dtype), dob, preferred_element_type=jnp.float32)
+  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, plan: _Plan, geometry):
+  """`_forward`'s output with a flash-style VJP (`_attend_backward`)."""
+  return _forward(q, k, v, plan, geometry)[0]
+
+
+def _attend_forward(q, k, v, plan, geometry):
+  out, lse = _forward(q, k, v, plan, geometry)
+  return out, (q, k, v, plan, out, lse)
+
+
+def _attend_backward(geometry, residuals, d_out):
+  """dq, dk, dv recomputing every tile's probabilities from the rows' final lse (flash attention's backward):
+  no saved tiles, and the tile rows' dq return to their rows by a gather through `assignment_slot` (the
+  dispatch's inverse), summed over slots, instead of autodiff's scatter-add; dk, dv per tile sum into their
+  key block (tiles sorted by block, a segment sum of whole tiles)."""
+  block_kv, tile, slots = geometry
+  q, k, v, plan, out, lse = residuals
+  batch, seq, rows, reps, dim = q.shape
+  kv_heads = k.shape[2]
+  num_blocks = math.ceil(seq / block_kv)
+  padded = num_blocks * block_kv
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, T, Hl', R]: rowsum(dO * O)
+  dq, dk, dv = _own_block_backward(*(_pad(x, padded) for x in (q, k, v, plan.own_mask, lse, delta, d_out)))
+  dq, dk, dv = dq[:, :seq], dk[:, :seq], dv[:, :seq]
+  if plan.slot_assignment is not None:
+    q_tiles = _tile_rows(q, plan, slots, tile)  # [n, tile, R, D]
+    do_tiles = _tile_rows(d_out.astype(v.dtype), plan, slots, tile)
+    lse_tiles, delta_tiles = (_tile_rows(x, plan, slots, tile) for x in (lse, delta))  # [n, tile, R]
+    k_tiles, v_tiles = (_key_blocks(x, block_kv)[plan.tile_group] for x in (k, v))  # [n, bk, D]
+    mask = (plan.slot_assignment >= 0).reshape(-1, tile, 1, 1)
+    if plan.tile_mask is not None:
+      mask = mask & plan.tile_mask[:, :, None, :]
+    scores = jnp.einsum("ntrd,nkd->ntrk", q_tiles, k_tiles, preferred_element_type=jnp.float32)
+    probs = _probs_from_lse(scores, mask, lse_tiles)
+    d_probs = jnp.einsum("ntrd,nkd->ntrk", do_tiles, v_tiles, preferred_element_type=jnp.float32)
+    d_scores = probs * (d_probs - delta_tiles[..., None])
+    dq_tiles = jnp.einsum("ntrk,nkd->ntrd", d_scores.astype(k.dtype), k_tiles, preferred_element_type=jnp.float32)
+    taken = (plan.assignment_slot >= 0)[..., None, None]
+    dq_slots = dq_tiles.reshape(-1, reps, dim)[jnp.maximum(plan.assignment_slot, 0)]  # [B, T, Hl', S, R, D]
+    dq = dq + jnp.sum(jnp.where(taken, dq_slots, 0.0), axis=3)
+    groups = batch * kv_heads * num_blocks
+    for name, grad in (("k", jnp.einsum("ntrk,ntrd->nkd", d_scores.astype(q.dtype), q_tiles,
+                                        preferred_element_type=jnp.float32)),
+                       ("v", jnp.einsum("ntrk,ntrd->nkd", probs.astype(v.dtype), do_tiles,
+                                        preferred_element_type=jnp.float32))):
+      summed = jax.ops.segment_sum(grad, plan.tile_group, groups, indices_are_sorted=True)  # [groups, bk, D]
+      summed = summed.reshape(batch, kv_heads, padded, dim).transpose(0, 2, 1, 3)[:, :seq]
+      if name == "k":
+        dk = dk + summed
+      else:
+        dv = dv + summed
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
+
+
+def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, block_kv: int,
+                    tile: int = 128, token_mask: jax.Array | None = None, scale: float | None = None,
+                    gradient: str = "autodiff") -> jax.Array:
+  """Causal attention of q [B, T, H, D] over k, v [B, T, KVH, D], query t restricted to the keys <= t of its
+  selected blocks block_index int32 [B, Hl, T, S] (Hl in (1, KVH, H); any slot order, -1 empty, no
+  duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
+  Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
+  forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
+  VJP `_attend_backward`, held equal by the tests; not faster on the loaded 2-core CPU where it was tried,
+  docs/benchmarks.md, so not the default)."""
+  _check(q, k, v, block_index, block_kv, tile, token_mask)
+  if gradient not in ("flash", "autodiff"):
+    raise ValueError(f"attend_kv_major: gradient={gradient!r} is unknown; choose 'flash' or 'autodiff'.")
+  batch, seq, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  if block_index.shape[1] == 1 and kv_heads > 1:  # a shared row serves every kv group
+    block_index = jnp.repeat(block_index, kv_heads, axis=1)
+    token_mask = None if token_mask is None else jnp.repeat(token_mask, kv_heads, axis=1)
+  rows = block_index.shape[1]
+  scale = 1.0 / math.sqrt(dim) if scale is None else scale
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, seq, rows, heads // rows, dim)
+  index = jnp.transpose(block_index.astype(jnp.int32), (0, 2, 1, 3))  # [B, T, Hl', S]
+  mask_rows = None if token_mask is None else jnp.transpose(token_mask, (0, 2, 1, 3, 4))  # [B, T, Hl', S, bk]
+  plan = jax.lax.stop_gradient(_plan(index, mask_rows, kv_heads=kv_heads, block_kv=block_kv, tile=tile))
+  geometry = (block_kv, tile, index.shape[-1])
+  out = _attend(q, k, v, plan, geometry) if gradient == "flash" else _forward(q, k, v, plan, geometry)[0]
   return out.reshape(batch, seq, heads, dim).astype(q.dtype)

@@ -257,3 +257,20 @@ def test_token_gather_attention_rejects_mismatched_selection():
   q, k = jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 1, 8))
   with pytest.raises(ValueError, match="index"):
     dsa_gather.token_gather_attention(q, k, k, jnp.zeros((1, 3, 2), jnp.int32), jnp.ones((1, 3, 2), bool))
+
+
+def test_selected_kl_block_gather_equals_token_gather(seed):
+  """`selected_indexer_kl(block_size=...)` (whole-block gathers, dsa_block's path) equals the token gather on
+  dsa_block's selection: value and the indexer features' gradients; a selection of partial blocks is an error."""
+  module, inputs = _module("dsa_block", topk=24), _inputs(seed)
+  features = module.indexer(inputs["x"], jnp.arange(T))
+  selection = dsa.block_tokens(dsa.select_blocks(features, 24, 8, key_chunk=8, query_chunk=16), 8)
+  from sparseformer.layers.attention.routed import dsa_loss  # noqa: PLC0415
+  kl = lambda f, bs: dsa_loss.selected_indexer_kl(inputs["q"], inputs["k"], f, selection, query_chunk=16,  # noqa: E731
+                                                  block_size=bs)
+  got, want = (jax.jit(jax.value_and_grad(kl), static_argnums=1)(features, bs) for bs in (8, None))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _close(g, w, rtol=1e-6, atol=1e-7)
+  assert float(want[0]) > 0
+  with pytest.raises(ValueError, match="block_size"):
+    kl(features, 5)
