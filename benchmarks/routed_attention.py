@@ -4,6 +4,7 @@
     python benchmarks/routed_attention.py --out /tmp/routed.json                     # T 4K, 8K, 16K
     python benchmarks/routed_attention.py --seq-lens 4096 --kinds moba --out /tmp/r.json   # one point
     python benchmarks/routed_attention.py --report /tmp/routed.json                  # print the markdown table
+    python benchmarks/routed_attention.py --split --seq-lens 4096 --out /tmp/split.json   # where the time goes
 
 One attention layer's routed part as the model runs it (`routed.make_routed(kind)(x, q, k, v, positions)`:
 scoring, compression, top-k, traced layout build, attention, gating; DSA's indexer and its KL loss, NSA's gates
@@ -144,6 +145,87 @@ def run(seq_lens, kinds, *, repeats: int, log=print) -> list[dict]:
   return rows
 
 
+def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
+  """The layer's parts as separate functions of (q, k, v) for `--split` (where the fwd+bwd time goes): the
+  kv_major attention (fwd, fwd+bwd; the selection fixed from these inputs), and per kind what surrounds it
+  (MoBA's selection; NSA's compressed branch, selection, window branch; dsa_block's indexer + block top-k and
+  the selected KL with the gradient to the indexer features). Same settings as the benchmark."""
+  from sparseformer.layers.attention import backends  # noqa: PLC0415
+  from sparseformer.layers.attention.routed import dsa, dsa_loss, kv_major, moba, nsa  # noqa: PLC0415
+  from sparseformer.layers.attention.routed import nsa_compress as nc  # noqa: PLC0415
+
+  def with_grad(fn):
+    return lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct),
+                                    argnums=(0, 1, 2))(q, k, v)
+
+  parts = {}
+  if kind == "moba":
+    cfg = KIND_SETTINGS["moba"]["moba"]
+    parts["selection"] = lambda q, k, v: moba.select_blocks(q, k, cfg.block_size, cfg.topk)
+    index, block = moba.select_blocks(q, k, cfg.block_size, cfg.topk), cfg.block_size
+  elif kind == "nsa":
+    cfg = KIND_SETTINGS["nsa"]["nsa"]
+    geo = dict(block=cfg.compress_block, stride=cfg.compress_stride)
+    compressed = lambda q, k, v: nc.compressed_attention(q, nc.compress(k, **geo), nc.compress(v, **geo), **geo)  # noqa: E731
+    parts["compressed branch"] = lambda q, k, v: compressed(q, k, v)[0]
+    parts["compressed branch fwd+bwd"] = with_grad(parts["compressed branch"])
+
+    def select(q, k, v):
+      scores = nc.selection_scores(compressed(q, k, v)[1], nc.num_select_blocks(seq, cfg.select_block),
+                                   compress_block=cfg.compress_block, compress_stride=cfg.compress_stride,
+                                   select_block=cfg.select_block)
+      return nc.select_blocks(scores, cfg.num_selected, select_block=cfg.select_block, init_blocks=cfg.init_blocks,
+                              local_blocks=cfg.local_blocks)
+    parts["compressed branch + selection"] = select
+    index, block = select(q, k, v), cfg.select_block
+    layout = nsa.window_layout(seq, window=cfg.window, block_q=64, block_kv=64)
+    parts["window branch"] = lambda q, k, v: backends.attend(q, k, v, layout, backend="xla")
+    parts["window branch fwd+bwd"] = with_grad(parts["window branch"])
+  else:
+    cfg = KIND_SETTINGS[kind]["dsa"]
+    module = make_routed(kind, dim=MODEL_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
+                         config=sparse_config(kind), rope_theta=10_000.0, init_std=0.02, dtype=jnp.float32,
+                         param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    positions = jnp.arange(seq)
+    chunks = dict(key_chunk=cfg.key_chunk, query_chunk=cfg.query_chunk)
+    parts["indexer + block top-k"] = lambda q, k, v: dsa.select_blocks(module.indexer(x, positions), cfg.topk,
+                                                                       cfg.block_size, **chunks)
+    features = module.indexer(x, positions)
+    block_index = dsa.select_blocks(features, cfg.topk, cfg.block_size, **chunks)
+    tokens = dsa.block_tokens(block_index, cfg.block_size)
+    index, block = block_index[:, None], cfg.block_size
+    for name, size in (("selected KL, block gather", cfg.block_size), ("selected KL, token gather", None)):
+      kl = lambda f, q, k, size=size: dsa_loss.selected_indexer_kl(q, k, f, tokens, query_chunk=cfg.query_chunk,  # noqa: E731
+                                                                   block_size=size)
+      parts[name + " fwd+bwd"] = lambda q, k, v, kl=kl: jax.grad(kl)(features, q, k)
+  for gradient in ("autodiff", "flash"):
+    attend = lambda q, k, v, gradient=gradient: kv_major.attend_kv_major(q, k, v, index, block_kv=block,  # noqa: E731
+                                                                         gradient=gradient)
+    if gradient == "autodiff":
+      parts["kv_major attention"] = attend
+    parts[f"kv_major attention fwd+bwd ({gradient})"] = with_grad(attend)
+  return parts
+
+
+def run_split(seq: int, kinds, *, repeats: int, log=print) -> list[dict]:
+  """`--split`: each kind's parts (`split_functions`) with the dense baseline, timed interleaved."""
+  keys = jax.random.split(jax.random.key(seq), 5)
+  x = jax.random.normal(keys[0], (1, seq, MODEL_DIM), jnp.float32)
+  q, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys[1:3])
+  k, v = (jax.random.normal(key, (1, seq, KV_HEADS, DIM), jnp.float32) for key in keys[3:5])
+  dense_fwd = lambda q, k, v: dense.blocked_causal_attention(q, k, v)  # noqa: E731
+  entries = [_Timed(("dense", "fwd"), dense_fwd, (q, k, v)),
+             _Timed(("dense", "fwd+bwd"), lambda q, k, v: _dense_functions()[2]({}, x, q, k, v, ct), (q, k, v))]
+  for kind in kinds:
+    entries += [_Timed((kind, name), fn, (q, k, v)) for name, fn in split_functions(kind, seq, x, q, k, v, ct).items()]
+  time_interleaved(entries, repeats)
+  rows = [dict(seq=seq, kind=e.name[0], part=e.name[1], seconds=statistics.median(e.times),
+               peak_mb=None if e.peak_bytes is None else e.peak_bytes / 2**20) for e in entries]
+  for row in rows:
+    log(f"T={seq} {row['kind']:10s} {row['part']:45s} {row['seconds'] * 1e3:9.1f} ms")
+  return rows
+
+
 def table(rows: list[dict]) -> str:
   lines = ["| T | kind | mode | ms | density | speedup vs dense | bound | of bound | peak MB |",
            "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -160,7 +242,14 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", help="write the rows and the machine as JSON here")
   parser.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown table of earlier --out files")
+  parser.add_argument("--split", action="store_true", help="time each kind's parts at the first --seq-lens")
   args = parser.parse_args(argv)
+  if args.split:
+    rows = run_split(args.seq_lens[0], args.kinds, repeats=args.repeats)
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as file:
+        json.dump({"machine": machine(), "split": rows}, file, indent=2)
+    return
   if args.report:
     for path in args.report:
       with open(path, encoding="utf-8") as file:
