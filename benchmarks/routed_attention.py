@@ -166,7 +166,9 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
   elif kind == "nsa":
     cfg = KIND_SETTINGS["nsa"]["nsa"]
     geo = dict(block=cfg.compress_block, stride=cfg.compress_stride)
-    compressed = lambda q, k, v: nc.compressed_attention(q, nc.compress(k, **geo), nc.compress(v, **geo), **geo)  # noqa: E731
+
+    def compressed(q, k, v):
+      return nc.compressed_attention(q, nc.compress(k, **geo), nc.compress(v, **geo), **geo)
     parts["compressed branch"] = lambda q, k, v: compressed(q, k, v)[0]
     parts["compressed branch fwd+bwd"] = with_grad(parts["compressed branch"])
 
@@ -195,8 +197,8 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
     tokens = dsa.block_tokens(block_index, cfg.block_size)
     index, block = block_index[:, None], cfg.block_size
     for name, size in (("selected KL, block gather", cfg.block_size), ("selected KL, token gather", None)):
-      kl = lambda f, q, k, size=size: dsa_loss.selected_indexer_kl(q, k, f, tokens, query_chunk=cfg.query_chunk,  # noqa: E731
-                                                                   block_size=size)
+      kl = lambda f, q, k, size=size: dsa_loss.selected_indexer_kl(  # noqa: E731
+          q, k, f, tokens, query_chunk=cfg.query_chunk, block_size=size)
       parts[name + " fwd+bwd"] = lambda q, k, v, kl=kl: jax.grad(kl)(features, q, k)
   for gradient in ("autodiff", "flash"):
     attend = lambda q, k, v, gradient=gradient: kv_major.attend_kv_major(q, k, v, index, block_kv=block,  # noqa: E731
