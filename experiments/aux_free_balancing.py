@@ -21,17 +21,16 @@ token is dropped, so MaxVio measures routing imbalance alone). Variants:
 Scaled down: 1B parameters / 100B tokens become ~1 M / 3.3 M tokens (750 steps of 4,096); one learning rate
 (3e-3, the quickstart's), 2 seeds.
 
-Metrics: eval/loss and eval/bits_per_byte (report tables), and per MoE layer `train/layer1/moe/max_violation`
-and `train/layer3/moe/max_violation` (MaxVio over each training batch, i.e. the paper's MaxVio_batch, logged every
-log_every steps to metrics.jsonl / TensorBoard), `train/layer{1,3}/moe/expert_load`. `sweep report` does not
-tabulate train-side MoE metrics: read MaxVio over training from metrics.jsonl (the paper's global MaxVio over
-the validation set is not logged).
+Metrics: eval/loss and eval/bits_per_byte, and per MoE layer `train/layer1/moe/max_violation` and
+`train/layer3/moe/max_violation` (MaxVio over each training batch, i.e. the paper's MaxVio_batch, logged every
+log_every steps), tabulated over training (mean, last 10 %, final, max) and plotted by `sweep report` through the
+SWEEP's `report` dict (the paper's global MaxVio over the validation set is not logged).
 
-Size (3 variants x 1 learning rate x 2 seeds = 6 runs of 750 steps). 12-step probes (docs/results/README.md;
-2 x86-64 cores shared with 6 other helpers, load average 7-10, a second probe running) gave 3.25 / 3.00 / 2.03 s
-per step for none / aux_loss / bias; divided by the ~3.7x load factor of a quickstart probe: STEP_SECONDS_QUIET.
-Estimate: 2 seeds x 750 steps x 2.24 s (the three quiet steps summed) + 6 runs x ~30 s start-up / 2 at once
-~= 58 min quiet at --parallel 2 (pessimistic: the probes shared the cores with another probe).
+Size: 3 variants x 1 learning rate x 2 seeds = 6 runs of 750 steps, 25.6 min measured at --parallel 2 on a 2-core
+CPU (499-512 s per run).
+Measured (2026-12-02, docs/results/aux_free_balancing.md): final MaxVio_batch bias 0.21 / 0.24 (layers 1 / 3),
+aux_loss 0.66 / 0.31, none 5.2 / 6.6; eval loss none 1.220 +- 0.021, aux_loss 1.244 +- 0.036, bias 1.252 +- 0.041
+(2 seeds: the balancers' losses are not separated; no balancing was best at this size).
 GPU (15 minutes): add `--set model.d_model=512 --set model.num_heads=8 --set model.num_kv_heads=8
 --set model.moe.expert_hidden=1024 --set data.batch_size=32 --set data.seq_len=512 --set model.max_seq_len=512
 --set train.steps=3000`.
@@ -68,7 +67,6 @@ SWEEP = dict(
     report=dict(train_metrics=["train/layer*/moe/max_violation"]),  # MaxVio_batch over training
 )
 
-STEP_SECONDS_QUIET = {"none": 0.88, "aux_loss": 0.81, "bias": 0.55}  # probe step time / 3.7
 
 
 def config() -> RunConfig:
