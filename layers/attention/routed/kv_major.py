@@ -17,8 +17,8 @@ one row per (token, kv head) carrying its G query heads (the shared row is repea
 GQA group's selection is dispatched once, not G times. Tiles: the B * T * Hl' * S assignments sorted by
 (batch, kv head, block) and packed `tile` rows a tile, ceil(assignments / tile) + B * KVH * nk tiles at most
 (each group wastes under one tile), a static count. Work is O(T * H * S * block_kv), never [T, T].
-Gradients: autodiff through the gathers, the tile attention (rematerialised) and the merge; none to the
-selection. A row with nothing visible returns zeros with zero gradients.
+Gradients: autodiff through the gathers, the tile attention (rematerialised) and the merge, or (gradient="flash")
+a custom VJP that recomputes tile probabilities from the rows' final lse; none to the selection. A row with nothing visible returns zeros with zero gradients.
 """
 
 from __future__ import annotations
@@ -293,8 +293,8 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
   Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
   forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
-  VJP `_attend_backward`, held equal by the tests; not faster on the loaded 2-core CPU where it was tried,
-  docs/benchmarks.md, so not the default)."""
+  VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks, which use it, slower
+  for 64-key blocks: docs/benchmarks.md, 2026-12-02)."""
   _check(q, k, v, block_index, block_kv, tile, token_mask)
   if gradient not in ("flash", "autodiff"):
     raise ValueError(f"attend_kv_major: gradient={gradient!r} is unknown; choose 'flash' or 'autodiff'.")

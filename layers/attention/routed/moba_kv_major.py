@@ -17,4 +17,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, 
            scale: float | None = None) -> jax.Array:
   """MoBA attention of q [B, T, H, D] over k, v [B, T, KVH, D] given selections block_index [B, H, T, S]
   (`moba.select_blocks`: own block first, then past blocks, -1 empty) -> [B, T, H, D] in q.dtype."""
-  return kv_major.attend_kv_major(q, k, v, block_index, block_kv=block_size, tile=tile, scale=scale)
+  # The flash VJP: 0.81-0.83x autodiff's fwd+bwd time for MoBA's 512-key blocks in two interleaved runs at
+  # T = 4096 (docs/benchmarks.md, 2026-12-02); slower for the 64-key blocks of NSA and dsa_block.
+  return kv_major.attend_kv_major(q, k, v, block_index, block_kv=block_size, tile=tile, scale=scale,
+                                  gradient="flash")
