@@ -28,17 +28,21 @@ On a GPU (15 minutes), the LRA length:
 
 Metric: eval/token_accuracy (= accuracy: one label per example); chance is 10 %, and always answering the
 most frequent value scores ~17-20 % (LRA's failing models sit at 15-18 %).
-Size (4 variants x 1 x 1 = 4 runs of 700 steps). NOT probed (cut for time): estimated from the quickstart's quiet
-0.6 s per 16 x 256 step, doubled for 16 x 512 tokens, ~1.3 s quiet per step; 4 runs x 700 steps x 1.3 s + 4 x
-~30 s start-up / 2 at once ~= 62 min quiet at --parallel 2. Probe a variant (docs/results/README.md) before the
-run and adjust train.steps.
-
+Size: 4 variants x 1 x 1 = 4 runs of 700 steps, 27 min measured at --parallel 2 on a 2-core CPU (752-878 s per
+run, evaluating 128 examples every 100 steps; now 1,024 every 175 steps, which adds ~1-2 min per run).
+Measured (2026-12-02, docs/results/listops.md; accuracy on 1,024 validation examples): dense 33.5 %, bigbird
+33.7 %, longformer 34.0 %, local 14.0 % (majority class 16.6 %): LRA's ordering, and all three at the level of
+answering from the root operator alone (31.3 %; `python -m sparseformer.experiments.listops`).
 Expect (LRA / FlashAttention): dense, bigbird and longformer together; local either far below (LRA) or with
 them (FlashAttention re-tune). At 700 CPU steps every kind may still sit near the majority-class ~17-20 %:
 that is a "not learned yet", not an ordering; report which of the two published orderings we see, if either.
 """
 
+import collections
 import dataclasses
+import sys
+
+import numpy as np
 
 from sparseformer.layers.attention.config import SparseAttentionConfig
 from sparseformer.models import presets
@@ -64,14 +68,44 @@ SWEEP = dict(
     compare_at="steps",
 )
 
-STEP_SECONDS_QUIET = {}  # not probed yet (see Size above)
-
-
 def config() -> RunConfig:
   attention = SparseAttentionConfig(block_size=32, window=128, num_global=32, num_random_blocks=2)
   model = dataclasses.replace(presets.quickstart(), vocab_size=16, max_seq_len=SEQ_LEN, attention=attention)
-  data = DataConfig(source="task", task="listops", seq_len=SEQ_LEN, batch_size=16, num_val_batches=8,
+  data = DataConfig(source="task", task="listops", seq_len=SEQ_LEN, batch_size=16, num_val_batches=64,
                     listops=ListOpsConfig(min_length=128, max_length=SEQ_LEN))
   return RunConfig(name="listops", model=model, data=data,
                    train=TrainConfig(steps=700, learning_rate=1e-3, warmup_steps=70, weight_decay=0.1, log_every=25,
-                                     eval_every=100, checkpoint_every=350, sample_tokens=0, progress_bar=False))
+                                     eval_every=175, checkpoint_every=350, sample_tokens=0, progress_bar=False))
+
+
+def _root_operators_and_labels(num_val_batches: int, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The validation set's root operators (token 0: the expression starts with its outermost operator) and labels."""
+  from sparseformer import experiments  # pylint: disable=import-outside-toplevel
+  from sparseformer.train import data as data_lib  # pylint: disable=import-outside-toplevel
+  from sparseformer.train import overrides  # pylint: disable=import-outside-toplevel
+  run = overrides.apply_overrides(experiments.get("listops", "global"),
+                                  [f"data.num_val_batches={num_val_batches}", f"data.seed={data_seed}"])
+  operators, labels = [], []
+  for batch in data_lib.validation_sets(run.data, data_lib.load_source(run.data), 0, 1)[""]:
+    inputs, targets, labelled = (np.asarray(batch[key]) for key in ("inputs", "targets", "loss_mask"))
+    operators.extend(inputs[:, 0])
+    labels.extend(targets[labelled > 0])  # one labelled position per example
+  return np.array(operators), np.array(labels)
+
+
+def root_operator_baseline(num_val_batches: int = 64, fit_seed: int = 1) -> dict:
+  """Accuracy of answering the most frequent value given the root operator alone (no attention to anything else),
+  on the data.seed=0 validation set: the rule fitted on that set itself and on data.seed=`fit_seed`'s."""
+  operators, labels = _root_operators_and_labels(num_val_batches, 0)
+  result = {"examples": len(labels), "majority_class": max(collections.Counter(labels.tolist()).values()) / len(labels)}
+  fits = {"fit_on_eval_set": (operators, labels),
+          "fit_on_other_set": _root_operators_and_labels(num_val_batches, fit_seed)}
+  for name, (fit_operators, fit_labels) in fits.items():
+    rule = {op: collections.Counter(fit_labels[fit_operators == op].tolist()).most_common(1)[0][0]
+            for op in set(fit_operators.tolist())}
+    result[name] = float(np.mean([rule.get(op, -1) == label for op, label in zip(operators, labels)]))
+  return result
+
+
+if __name__ == "__main__":  # python -m sparseformer.experiments.listops: the root-operator baseline
+  print(root_operator_baseline(*map(int, sys.argv[1:])))

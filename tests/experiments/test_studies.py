@@ -151,3 +151,12 @@ def test_study_sweep_runs_end_to_end_at_a_tiny_size(study, tmp_path):
   select = spec.plan(study).select
   assert all(row[f"final/{select}"] for row in rows), select
   assert (out / "summary.md").exists()
+
+
+def test_listops_root_operator_baseline_beats_the_majority_class_in_sample():
+  """The in-sample per-operator majority rule can never do worse than the global majority class."""
+  from sparseformer.experiments import listops  # pylint: disable=import-outside-toplevel
+  result = listops.root_operator_baseline(num_val_batches=2)
+  assert result["examples"] == 32
+  assert 0.1 <= result["majority_class"] <= result["fit_on_eval_set"] <= 1.0
+  assert 0.0 <= result["fit_on_other_set"] <= 1.0
