@@ -51,17 +51,20 @@ Expect (Zoology): global >= 99 % eval/example_accuracy at every size once traine
 below at every size; local_w48 near global at (64, 4), falling with length; bigbird between the windows; the
 routed kinds (no published anchor) can reach any pair if their router learns to find the key's block, so
 they could match global where local_w48 falls off, or stay at the windows' level if routing is not learned.
-Measured here so far (2026-12-01, shared 2-core CPU, global attention, d_model 64, (64, 4)): NOT yet high
-accuracy. 800 steps (vocabulary 128, batch 64, 2 heads, lr 3e-3) and 1,500 steps (vocabulary 256, batch 32,
-2 heads, lr 1e-2) both stay on the pre-recall plateau: token accuracy 20-26 % (about 1 / num_kv_pairs: the
-model picks one of the values present in the example) and example accuracy 0 %; the jump to recall (an
-induction head) needs more steps than those runs had. A step of the default config takes ~125 ms on a quiet
-2-core CPU, so the 2,000 default steps take ~4-5 minutes per run.
-Metrics: `eval/token_accuracy` (labelled positions) and `eval/example_accuracy` (every query of an example
-right); add length-generalisation mixes with e.g. `--set "data.mqar.eval_mixes=('long:8:128',)"
---set model.max_seq_len=128`, reported as eval/long/*. The SWEEP selects learning rates by token accuracy over the queried positions (the
-accuracy Zoology reports: example accuracy stays 0 on the plateau and cannot rank them). Worked example, a
-16-run slice at 300 steps: docs/results/mqar_worked_example.md.
+Measured here so far (2026-12-01, shared 2-core CPU, global attention, d_model 64, (64, 4)): NOT yet high accuracy.
+800 steps (vocabulary 128, batch 64, 2 heads, lr 3e-3) and 1,500 steps (vocabulary 256, batch 32, 2 heads, lr 1e-2)
+both stay on the pre-recall plateau: token accuracy 20-26 % (about 1 / num_kv_pairs: the model picks one of the
+values present in the example) and example accuracy 0 %; the jump to recall (an induction head) needs more steps
+than those runs had. 2026-12-02, quiet 2-core AMD EPYC, the default config (vocabulary 1024, 2,000 steps): 2 min 22
+s for one run alone on both cores (~65 ms a step); eval token accuracy at steps 500 / 1000 / 1500 / 2000 was 25 / 32
+/ 47 / 53 % at lr 2.2e-3 and 17 / 21 / 29 / 40 % at lr 1e-2 (example accuracy 3.5 % and 0.8 %): recall is being
+learned but 2,000 steps (128 K examples) are far from Zoology's budget (100 K examples x 32-64 epochs); the CPU
+study needs more steps (probe 6,000+ first) and the routed kinds' step time at T = 64.
+Metrics: `eval/token_accuracy` (labelled positions) and `eval/example_accuracy` (every query of an example right);
+add length-generalisation mixes with e.g. `--set "data.mqar.eval_mixes=('long:8:128',)" --set
+model.max_seq_len=128`, reported as eval/long/*. The SWEEP selects learning rates by token accuracy over the queried
+positions (the accuracy Zoology reports: example accuracy stays 0 on the plateau and cannot rank them).
+Worked example, a 16-run slice at 300 steps: docs/results/mqar_worked_example.md.
 """
 
 import dataclasses
