@@ -40,6 +40,8 @@ quiet after the ~3.7x load factor of a quickstart probe. Estimate, assuming ever
 the other kinds (the probes were cut short for time); the routed kinds may step slower than global on CPU at
 T = 1K: probe them (`--variant moba|nsa|dsa`) before the run and lower train.steps if needed.
 
+Measured (2026-12-02, docs/results/sparse_lm.md; seed 0 of all 12 kinds, seed 1 of 5): all kinds 3.09-3.37 bpb
+at 150 steps with a seed spread of 0.01-0.08: too early to rank them (dense 3.241 +- 0.056); 600+ steps needed.
 Expect: global lowest bits per byte at the highest attention FLOPs; local / sinks / longformer / bigbird /
 local_global within a few hundredths of a bit (most byte-level context is local); fixed about equal to dense
 (Sparse Transformer), strided behind it; chunked paying at chunk borders; moba within ~0.01 of dense (MoBA),
@@ -77,7 +79,7 @@ VARIANTS = {
 SWEEP = dict(
     variants=VARIANTS,
     learning_rates=[3e-3],
-    seeds=[0],
+    seeds=[0, 1],
     select="eval/bits_per_byte",
     compare_at="steps",
     report=dict(frontier_x="sparseformer.experiments.sparse_lm:attention_flops_per_token"),

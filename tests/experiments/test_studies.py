@@ -16,7 +16,7 @@ from sparseformer.train import overrides
 from sparseformer.train.sweeps import spec
 
 STUDIES = ("mqar", "switch_scaling", "aux_free_balancing", "sparse_lm", "listops")
-PLANNED_RUNS = {"mqar": 7 * 3 * 3 * 4 * 3, "switch_scaling": 5 * 2, "aux_free_balancing": 3 * 2, "sparse_lm": 12,
+PLANNED_RUNS = {"mqar": 7 * 3 * 3 * 4 * 3, "switch_scaling": 5 * 2, "aux_free_balancing": 3 * 2, "sparse_lm": 24,
                 "listops": 4}
 
 
