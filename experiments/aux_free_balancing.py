@@ -68,7 +68,6 @@ SWEEP = dict(
 )
 
 
-
 def config() -> RunConfig:
   model = dataclasses.replace(presets.quickstart(), mlp_hidden=512)
   return RunConfig(name="aux_free_balancing", model=model,

@@ -68,6 +68,7 @@ SWEEP = dict(
     compare_at="steps",
 )
 
+
 def config() -> RunConfig:
   attention = SparseAttentionConfig(block_size=32, window=128, num_global=32, num_random_blocks=2)
   model = dataclasses.replace(presets.quickstart(), vocab_size=16, max_seq_len=SEQ_LEN, attention=attention)
