@@ -92,6 +92,19 @@ VARIANTS = {
             "model.attention.dsa.index_head_dim=16", "model.attention.dsa.rope_dim=8", "model.attention.dsa.topk=48",
             "model.attention.dsa.key_chunk=64", "model.attention.dsa.query_chunk=64"],
 }
+# The routed kinds again at local_w16's budget (~16 keys per query), where a window cannot reach most pairs.
+VARIANTS.update({
+    "moba_b16": ["model.attention_pattern=('moba',)", "model.attention.moba.block_size=8",
+                 "model.attention.moba.topk=2"],
+    "nsa_b16": ["model.attention_pattern=('nsa',)", "model.attention.nsa.compress_block=8",
+                "model.attention.nsa.compress_stride=8", "model.attention.nsa.select_block=8",
+                "model.attention.nsa.num_selected=1", "model.attention.nsa.init_blocks=0",
+                "model.attention.nsa.local_blocks=0", "model.attention.nsa.window=8"],
+    "dsa_b16": ["model.attention_pattern=('dsa',)", "model.attention.dsa.index_heads=2",
+                "model.attention.dsa.index_head_dim=16", "model.attention.dsa.rope_dim=8",
+                "model.attention.dsa.topk=16", "model.attention.dsa.key_chunk=64",
+                "model.attention.dsa.query_chunk=64"],
+})
 
 SWEEP = dict(
     variants=VARIANTS,

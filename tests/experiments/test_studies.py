@@ -16,7 +16,7 @@ from sparseformer.train import overrides
 from sparseformer.train.sweeps import spec
 
 STUDIES = ("mqar", "switch_scaling", "aux_free_balancing", "sparse_lm", "listops")
-PLANNED_RUNS = {"mqar": 7 * 3 * 3 * 4 * 3, "switch_scaling": 5 * 2, "aux_free_balancing": 3 * 2, "sparse_lm": 24,
+PLANNED_RUNS = {"mqar": 10 * 3 * 3 * 4 * 3, "switch_scaling": 5 * 2, "aux_free_balancing": 3 * 2, "sparse_lm": 24,
                 "listops": 4}
 
 
@@ -38,7 +38,7 @@ def test_every_study_plans_and_its_docstring_names_run_and_report(study):
 
 def test_mqar_cpu_command_plans_one_point_of_every_kind():
   plan = spec.plan("mqar", ["model.d_model=64", "data.seq_len=64"], seeds=[0], learning_rates=[2.2e-3])
-  assert len(plan.runs) == 7
+  assert len(plan.runs) == 10
   assert {(run.grid["model.d_model"], run.grid["data.seq_len"], run.grid["data.mqar.num_kv_pairs"])
           for run in plan.runs} == {(64, 64, 4)}
 
@@ -69,7 +69,7 @@ def _keys_per_query(variant: str, seq_len: int) -> float:
                                                                      f"model.max_seq_len={seq_len}"])
   model = run.model
   keys = flops.attention_density(model, 0, seq_len) * seq_len
-  if variant == "dsa":
+  if variant.startswith("dsa"):
     dsa = model.attention.dsa
     indexer = dsa.index_heads * dsa.index_head_dim / (2 * model.num_heads * model.resolved_head_dim)
     keys -= indexer * (seq_len + 1) / 2
@@ -86,6 +86,18 @@ def test_mqar_routed_kinds_match_local_w48_key_budget(seq_len):
   nsa = experiments.get("mqar", "nsa").model.attention.nsa
   last = seq_len // nsa.compress_stride + nsa.num_selected * nsa.select_block + nsa.window
   assert last == 48 + seq_len // 8 - 8
+
+
+@pytest.mark.parametrize("seq_len", [64, 256])
+def test_mqar_b16_routed_kinds_match_local_w16_key_budget(seq_len):
+  """The low-budget slice: dsa_b16 visits local_w16's mean keys within 10 %, moba_b16 at most as many (own block
+  + one chosen block of 8); nsa_b16 is one free selection block + window 8 + the T / 8 compressed keys."""
+  budget = _keys_per_query("local_w16", seq_len)
+  assert abs(_keys_per_query("dsa_b16", seq_len) - budget) <= 0.1 * budget
+  assert 0.7 * budget <= _keys_per_query("moba_b16", seq_len) <= budget
+  nsa = experiments.get("mqar", "nsa_b16").model.attention.nsa
+  assert (nsa.num_selected, nsa.init_blocks, nsa.local_blocks) == (1, 0, 0)
+  assert seq_len // nsa.compress_stride + nsa.num_selected * nsa.select_block + nsa.window == 16 + seq_len // 8
 
 
 def test_sparse_lm_covers_every_kind_and_flops_order():
