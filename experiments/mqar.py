@@ -4,17 +4,16 @@
     sparseformer sweep run --experiment mqar --out sweeps/mqar --parallel 2   # the full SWEEP (GPU): see below
     sparseformer sweep report sweeps/mqar
 
-The CPU study (one grid point, d_model 64 at (64, 4); 7 kinds x 1 learning rate x 1 seed = 7 runs of 2,000
-steps; 12-step probes (docs/results/README.md; 2 x86-64 cores shared with 6 other helpers, load average 8-10, a
-second probe running): global 0.91 s, local_w48 0.79 s per step, ~0.25 / 0.21 s quiet after the ~3.7x load
-factor of a quickstart probe; moba 3.54 s (~0.96 s quiet, 4x global); nsa and dsa not probed (cut for time).
-Estimate: the four static kinds 2,000 x ~0.9 s together ~= 30 min, moba ~32 min, nsa and dsa perhaps as moba:
-~2 h quiet in all, OVER the 60-minute budget; run the static kinds and moba first (--variants), or lower
-train.steps for the routed kinds, and say which in the report):
+The CPU study (docs/results/mqar.md): one grid point, d_model 64 at (64, 4), 10 kinds x 1 learning rate x 1 seed,
+4,000 steps, every kind on the reference backend (dense masked math over each kind's own selection; the xla paths
+are tested equal to it, and at T = 64 it is the faster one: moba 0.16 / 0.26 s a step, nsa 0.24 / 0.58 on one core):
     sparseformer sweep run --experiment mqar --out sweeps/mqar_cpu --parallel 2 --set model.d_model=64 \
-      --set data.seq_len=64 --seeds 0 --learning-rates 2.2e-3
+      --set data.seq_len=64 --set train.steps=4000 --set model.attention.backend=reference --seeds 0 \
+      --learning-rates 2.2e-3
     sparseformer sweep report sweeps/mqar_cpu
-The full SWEEP is Zoology's grid, 7 kinds x 3 widths x 3 lengths x 4 LRs x 3 seeds = 756 runs: a GPU job
+Quiet 2-core AMD EPYC, one core a run: 11-12 min a run, nsa ~16, dsa and dsa_b16 ~37; ~85 min for the 10 kinds at
+--parallel 2 (the 2026-12-03 run packed them as four one-core sweeps; docs/results/mqar/combine_parts.py).
+The full SWEEP is Zoology's grid, 10 kinds x 3 widths x 3 lengths x 4 LRs x 3 seeds = 1,080 runs: a GPU job
 (add --set train.steps=... to fit the time there).
 
 Zoology (Arora et al. 2023, arXiv:2312.04927, Figure 2) trains 2-layer models of width 64..512 on MQAR at
@@ -25,7 +24,7 @@ Sliding windows fail where a query's pair lies beyond their reach.
 
 Here: 2 layers, one head, d_model 64 / 128 / 256; vocabulary 1024 instead of 8192 (the embedding and output
 matmul over 8192 ids would dominate a CPU step ~8x; 511 possible keys still dwarf 16 pairs, so memorising
-keys cannot replace recall); 2,000 steps of 64 examples at learning rates np.logspace(-4, -2, 4), 3 seeds.
+keys cannot replace recall); 4,000 steps of 64 examples at learning rates np.logspace(-4, -2, 4), 3 seeds.
 Attention kinds (block size 16), keys visited per query in brackets, budget-matched in pairs:
   global     dense causal [up to T]
   local_w16  sliding window of 16 [16]: shorter than most recall distances (the pairs fill the first 2N
@@ -44,22 +43,21 @@ Attention kinds (block size 16), keys visited per query in brackets, budget-matc
   dsa        DSA, a 2 x 16 lightning indexer (RoPE on 8 of its dims) picking the top-48 keys per query (token
              level), sparse stage from step 0 with the indexer KL loss [48, plus the indexer's score of every
              past key at 2 x 16 / (2 x 1 x head_dim) of a pair's attention cost]
+  moba_b16, nsa_b16, dsa_b16: the routed kinds at local_w16's budget [mean 11.5 / 15.7 / 14.1 keys at T = 64
+             against local_w16's 14.1]: MoBA top-2 (own block + one chosen block of 8); NSA one freely chosen
+             block of 8 (no forced blocks) + window 8 + the T/8 compressed keys; DSA top-16 tokens
 The budgets are keys visited per query from each kind's fields (models/flops.py routed_density gives the mean
-over positions; tests/experiments/test_studies.py holds moba and dsa at local_w48's mean within 10 %).
+over positions; tests/experiments/test_studies.py holds moba and dsa at local_w48's mean within 10 %, dsa_b16 at local_w16's).
 No MQAR results are published for MoBA, NSA or DSA: ours would be the first.
 Expect (Zoology): global >= 99 % eval/example_accuracy at every size once trained long enough; local_w16 far
 below at every size; local_w48 near global at (64, 4), falling with length; bigbird between the windows; the
 routed kinds (no published anchor) can reach any pair if their router learns to find the key's block, so
 they could match global where local_w48 falls off, or stay at the windows' level if routing is not learned.
-Measured here so far (2026-12-01, shared 2-core CPU, global attention, d_model 64, (64, 4)): NOT yet high accuracy.
-800 steps (vocabulary 128, batch 64, 2 heads, lr 3e-3) and 1,500 steps (vocabulary 256, batch 32, 2 heads, lr 1e-2)
-both stay on the pre-recall plateau: token accuracy 20-26 % (about 1 / num_kv_pairs: the model picks one of the
-values present in the example) and example accuracy 0 %; the jump to recall (an induction head) needs more steps
-than those runs had. 2026-12-02, quiet 2-core AMD EPYC, the default config (vocabulary 1024, 2,000 steps): 2 min 22
-s for one run alone on both cores (~65 ms a step); eval token accuracy at steps 500 / 1000 / 1500 / 2000 was 25 / 32
-/ 47 / 53 % at lr 2.2e-3 and 17 / 21 / 29 / 40 % at lr 1e-2 (example accuracy 3.5 % and 0.8 %): recall is being
-learned but 2,000 steps (128 K examples) are far from Zoology's budget (100 K examples x 32-64 epochs); the CPU
-study needs more steps (probe 6,000+ first) and the routed kinds' step time at T = 64.
+Measured (docs/results/mqar.md, 2026-12-03, the CPU command above, eval token accuracy at step 4,000, 1 seed):
+global 100.0 %, local_w48 99.8 %, moba 73.6 %, bigbird 72.4 %, local_w16 58.8 %, nsa 24.9 % (the 1 / N plateau
+throughout); see the page for dsa and the b16 slice. Global leaves the plateau near step 800 (98 % at 1,000). Probes:
+with 2,000 steps (its cosine decay twice as fast) global was at 53 % at step 2,000 (lr 2.2e-3) and 40 % (1e-2);
+seed 1 at 3,000 steps at 71 % by step 2,500: when the jump comes varies a lot with seed and schedule.
 Metrics: `eval/token_accuracy` (labelled positions) and `eval/example_accuracy` (every query of an example right);
 add length-generalisation mixes with e.g. `--set "data.mqar.eval_mixes=('long:8:128',)" --set
 model.max_seq_len=128`, reported as eval/long/*. The SWEEP selects learning rates by token accuracy over the queried
@@ -125,6 +123,6 @@ def config() -> RunConfig:
                       attention=attention)
   data = DataConfig(source="task", task="mqar", seq_len=64, batch_size=64, num_val_batches=4,
                     mqar=MQARConfig(num_kv_pairs=4, vocab_size=VOCAB_SIZE))
-  train = TrainConfig(steps=2000, learning_rate=2.2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
+  train = TrainConfig(steps=4000, learning_rate=2.2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
                       eval_every=500, checkpoint_every=1000, sample_tokens=0)
   return dataclasses.replace(RunConfig(), name="mqar", model=model, data=data, train=train)
