@@ -47,17 +47,19 @@ Attention kinds (block size 16), keys visited per query in brackets, budget-matc
              against local_w16's 14.1]: MoBA top-2 (own block + one chosen block of 8); NSA one freely chosen
              block of 8 (no forced blocks) + window 8 + the T/8 compressed keys; DSA top-16 tokens
 The budgets are keys visited per query from each kind's fields (models/flops.py routed_density gives the mean
-over positions; tests/experiments/test_studies.py holds moba and dsa at local_w48's mean within 10 %, dsa_b16 at local_w16's).
+over positions; tests/experiments/test_studies.py holds moba and dsa at local_w48's mean within 10 %, dsa_b16
+at local_w16's).
 No MQAR results are published for MoBA, NSA or DSA: ours would be the first.
 Expect (Zoology): global >= 99 % eval/example_accuracy at every size once trained long enough; local_w16 far
 below at every size; local_w48 near global at (64, 4), falling with length; bigbird between the windows; the
 routed kinds (no published anchor) can reach any pair if their router learns to find the key's block, so
 they could match global where local_w48 falls off, or stay at the windows' level if routing is not learned.
 Measured (docs/results/mqar.md, 2026-12-03, the CPU command above, eval token accuracy at step 4,000, 1 seed):
-global 100.0 %, local_w48 99.8 %, moba 73.6 %, bigbird 72.4 %, local_w16 58.8 %, nsa 24.9 % (the 1 / N plateau
-throughout); see the page for dsa and the b16 slice. Global leaves the plateau near step 800 (98 % at 1,000). Probes:
-with 2,000 steps (its cosine decay twice as fast) global was at 53 % at step 2,000 (lr 2.2e-3) and 40 % (1e-2);
-seed 1 at 3,000 steps at 71 % by step 2,500: when the jump comes varies a lot with seed and schedule.
+global 100.0 %, local_w48 99.8 %, moba 73.6 %, dsa 73.3 %, bigbird 72.4 %, local_w16 58.8 %, nsa 25.0 % (the 1 / N
+plateau throughout); at local_w16's budget moba_b16 89.4 %, nsa_b16 80.0 %, dsa_b16 72.8 %. Global leaves the
+plateau near step 800 (98 % at 1,000). Probes: with 2,000 steps (its cosine decay twice as fast) global was at 53 %
+at step 2,000 (lr 2.2e-3) and 40 % (1e-2); seed 1 at 3,000 steps at 71 % by step 2,500: when the jump comes varies
+a lot with seed and schedule.
 Metrics: `eval/token_accuracy` (labelled positions) and `eval/example_accuracy` (every query of an example right);
 add length-generalisation mixes with e.g. `--set "data.mqar.eval_mixes=('long:8:128',)" --set
 model.max_seq_len=128`, reported as eval/long/*. The SWEEP selects learning rates by token accuracy over the queried
