@@ -55,7 +55,8 @@ def test_the_mqar_experiment_and_its_sweep_resolve():
   assert config.model.num_layers == 2 and config.data.task == "mqar"
   module = __import__("sparseformer.experiments.mqar", fromlist=["SWEEP"])
   sweep = module.SWEEP
-  assert set(sweep["variants"]) == {"global", "local_w16", "local_w48", "bigbird", "moba", "nsa", "dsa"}
+  assert set(sweep["variants"]) == {"global", "local_w16", "local_w48", "bigbird", "moba", "nsa", "dsa", "moba_b16",
+                                    "nsa_b16", "dsa_b16"}
   assert sweep["grid"]["model.d_model"] == [64, 128, 256]
   for variant, sets in sweep["variants"].items():
     for d_model in sweep["grid"]["model.d_model"]:
