@@ -11,8 +11,9 @@ are tested equal to it, and at T = 64 it is the faster one: moba 0.16 / 0.26 s a
       --set data.seq_len=64 --set train.steps=4000 --set model.attention.backend=reference --seeds 0 \
       --learning-rates 2.2e-3
     sparseformer sweep report sweeps/mqar_cpu
-Quiet 2-core AMD EPYC, one core a run: 11-12 min a run, nsa ~16, dsa and dsa_b16 ~37; ~85 min for the 10 kinds at
---parallel 2 (the 2026-12-03 run packed them as four one-core sweeps; docs/results/mqar/combine_parts.py).
+Quiet 2-core Intel Xeon, one core a run: 11-13 min a run, nsa 20, nsa_b16 18, dsa 39, dsa_b16 19; 63 min for the
+first seven kinds + 31 for the b16 slice (the 2026-12-03 run packed them as one-core sweeps, two at a time;
+docs/results/mqar/combine_parts.py): over the 60-minute budget with all ten kinds.
 The full SWEEP is Zoology's grid, 10 kinds x 3 widths x 3 lengths x 4 LRs x 3 seeds = 1,080 runs: a GPU job
 (add --set train.steps=... to fit the time there).
 
