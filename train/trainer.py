@@ -154,6 +154,9 @@ def open_run(config: RunConfig, workdir: str, *, require_checkpoint: bool = Fals
              ) -> Run:
   """Stages 1-5: workdir checks, mesh (over `devices`, default all), model + optimizer + shardings, restore or init."""
   workdir = checkpoint_lib.check_workdir(workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if require_checkpoint and not os.path.isdir(checkpoints):  # before the Checkpointer, which would create it
+    raise checkpoint_lib.CheckpointError(f"No checkpoint in {checkpoints}; train first.")
   mesh = make_mesh(config.mesh, devices)
   _check_mesh_fits(config, mesh)
   optimizer = lambda params: prune_masks.with_gradual_pruning(  # noqa: E731  (train.pruning; identity when off)

@@ -143,6 +143,7 @@ def test_eval_of_a_missing_or_untrained_workdir(trained, tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(untrained)]) == 1
   err = capsys.readouterr().err
   assert "sparseformer eval: CheckpointError: No checkpoint in" in err and "train first" in err
+  assert not (untrained / "checkpoints").exists()  # a read-only command leaves the workdir as it was
 
 
 def test_train_refuses_a_workdir_holding_another_run(trained, capsys):
