@@ -166,18 +166,15 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
   elif kind == "nsa":
     cfg = KIND_SETTINGS["nsa"]["nsa"]
     geo = dict(block=cfg.compress_block, stride=cfg.compress_stride)
+    selection = dict(select_block=cfg.select_block, num_selected=cfg.num_selected, init_blocks=cfg.init_blocks,
+                     local_blocks=cfg.local_blocks)
 
-    def compressed(q, k, v):
-      return nc.compressed_attention(q, nc.compress(k, **geo), nc.compress(v, **geo), **geo)
+    def compressed(q, k, v, selection=None):
+      return nc.compressed_branch(q, nc.compress(k, **geo), nc.compress(v, **geo), query_chunk=cfg.query_chunk,
+                                  selection=selection, **geo)
     parts["compressed branch"] = lambda q, k, v: compressed(q, k, v)[0]
     parts["compressed branch fwd+bwd"] = with_grad(parts["compressed branch"])
-
-    def select(q, k, v):
-      scores = nc.selection_scores(compressed(q, k, v)[1], nc.num_select_blocks(seq, cfg.select_block),
-                                   compress_block=cfg.compress_block, compress_stride=cfg.compress_stride,
-                                   select_block=cfg.select_block)
-      return nc.select_blocks(scores, cfg.num_selected, select_block=cfg.select_block, init_blocks=cfg.init_blocks,
-                              local_blocks=cfg.local_blocks)
+    select = lambda q, k, v: compressed(q, k, v, selection)[1]  # noqa: E731
     parts["compressed branch + selection"] = select
     index, block = select(q, k, v), cfg.select_block
     layout = nsa.window_layout(seq, window=cfg.window, block_q=64, block_kv=64)

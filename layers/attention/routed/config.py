@@ -62,6 +62,7 @@ class NSAConfig:
   gate: str = "mlp"  # branch gates from the input: mlp + sigmoid (the paper) | linear + sigmoid
   separate_kv: bool = True  # independent K/V projections per branch (paper: against shortcut learning)
   gate_hidden: int = 64  # gate="mlp": hidden width of the gate MLP (eq. 5)
+  query_chunk: int = 1024  # queries per step of the compressed branch and selection (live scores [chunk, T_c])
   branches: tuple[str, ...] = ("compressed", "selected", "window")  # branches summed; leave some out for ablations
   selected_scheme: str = "kv_major"  # selected branch: kv_major (per key block, the (token, kv group) rows that
   # chose it; routed/kv_major.py; xla backend only, reference / pallas run union) | union (query blocks of
@@ -87,7 +88,7 @@ class NSAConfig:
                        f"must be <= attention.nsa.num_selected={self.num_selected}; the forced blocks count in n.")
     if not isinstance(self.separate_kv, bool):
       raise ValueError(f"attention.nsa.separate_kv={self.separate_kv!r} must be True or False.")
-    _check_ints("nsa", self, {"gate_hidden": 1})
+    _check_ints("nsa", self, {"gate_hidden": 1, "query_chunk": 1})
     _check_choice("nsa", self, "selected_scheme", NSA_SELECTED_SCHEMES)
     branches = self.branches
     if (not isinstance(branches, tuple) or not branches or len(set(branches)) != len(branches)

@@ -37,7 +37,7 @@ from flax import nnx
 
 from sparseformer.layers import routing
 from sparseformer.layers.attention.dense import causal_attention
-from sparseformer.layers.attention.routed import decode_dsa, dsa_gather, dsa_indexer, dsa_loss
+from sparseformer.layers.attention.routed import decode_dsa, dsa_gather, dsa_indexer, dsa_loss, dsa_tile_kl
 
 
 class DSAAttention(nnx.Module):
@@ -70,21 +70,27 @@ class DSAAttention(nnx.Module):
       kl = dsa_loss.dense_indexer_kl(q, k, features, query_chunk=dsa.query_chunk, key_chunk=dsa.key_chunk)
       density = jnp.float32((seq_len + 1) / (2 * seq_len))
     else:
+      lse = None
       if self.block:
-        out, selection = self._block_attention(q, k, v, features)
+        out, block_index, lse = self._block_attention(q, k, v, features)
+        selection = block_tokens(block_index, dsa.block_size)
       else:
         selection = dsa_indexer.running_top_k(features, dsa.topk, key_chunk=dsa.key_chunk,
                                               query_chunk=dsa.query_chunk)
         out = dsa_gather.token_gather_attention(q, k, v, selection.index, selection.valid,
                                                 query_chunk=dsa.query_chunk)
-      kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk,
-                                        block_size=dsa.block_size if self.block else None)
+      if lse is not None:  # kv_major's tiles: the KL from the attention's lse, no per-query key gathers
+        kl = dsa_tile_kl.block_indexer_kl(q, k, features, block_index, lse, block_size=dsa.block_size)
+      else:
+        kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk,
+                                          block_size=dsa.block_size if self.block else None)
       density = jnp.sum(selection.valid, dtype=jnp.float32) / (q.shape[0] * seq_len * seq_len)
     aux = {"aux_loss": dsa.indexer_loss_weight * kl, "indexer_kl": kl, "density": density}
     return out, aux
 
-  def _block_attention(self, q, k, v, features) -> tuple[jax.Array, dsa_indexer.TokenSelection]:
-    """dsa_block: block selection, attention on the block backends, and the selected tokens (for the KL)."""
+  def _block_attention(self, q, k, v, features):
+    """dsa_block: block selection and attention on the block backends -> (out, block_index int32 [B, T, n],
+    the attention's row lse f32 [B, T, H] on the kv_major path, else None)."""
     from sparseformer.layers.attention import backends  # noqa: PLC0415 (backends import this module's package)
     from sparseformer.layers.attention.routed import kv_major, selection as selection_lib  # noqa: PLC0415
 
@@ -94,11 +100,11 @@ class DSAAttention(nnx.Module):
     geometry = type("Blocks", (), {"block_q": self.config.block_size, "block_kv": dsa.block_size})
     backend = backends.resolve_backend(self.config.backend, q, geometry)
     if dsa.block_scheme == "kv_major" and backend == "xla":
-      out = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size)
-    else:
-      out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
-                                          block_kv=dsa.block_size, backend=backend)
-    return out, block_tokens(block_index, dsa.block_size)
+      out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True)
+      return out, block_index, lse
+    out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
+                                        block_kv=dsa.block_size, backend=backend)
+    return out, block_index, None
 
   # Cached decode (issue 13; decode_dsa.py): the indexer's key cache, top-k keys or blocks gathered.
   @property

@@ -287,14 +287,15 @@ _attend.defvjp(_attend_forward, _attend_backward)
 
 def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.Array, *, block_kv: int,
                     tile: int = 128, token_mask: jax.Array | None = None, scale: float | None = None,
-                    gradient: str = "autodiff") -> jax.Array:
+                    gradient: str = "autodiff", return_lse: bool = False):
   """Causal attention of q [B, T, H, D] over k, v [B, T, KVH, D], query t restricted to the keys <= t of its
   selected blocks block_index int32 [B, Hl, T, S] (Hl in (1, KVH, H); any slot order, -1 empty, no
   duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
   Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
   forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
   VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks, which use it, slower
-  for 64-key blocks: docs/benchmarks.md, 2026-12-02)."""
+  for 64-key blocks: docs/benchmarks.md, 2026-12-02). return_lse: also return each row's log-sum-exp of its
+  scaled scores, f32 [B, T, H] under stop_gradient (-inf for a row that sees nothing; dsa_tile_kl reads it)."""
   _check(q, k, v, block_index, block_kv, tile, token_mask)
   if gradient not in ("flash", "autodiff"):
     raise ValueError(f"attend_kv_major: gradient={gradient!r} is unknown; choose 'flash' or 'autodiff'.")
@@ -310,5 +311,12 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   mask_rows = None if token_mask is None else jnp.transpose(token_mask, (0, 2, 1, 3, 4))  # [B, T, Hl', S, bk]
   plan = jax.lax.stop_gradient(_plan(index, mask_rows, kv_heads=kv_heads, block_kv=block_kv, tile=tile))
   geometry = (block_kv, tile, index.shape[-1])
-  out = _attend(q, k, v, plan, geometry) if gradient == "flash" else _forward(q, k, v, plan, geometry)[0]
-  return out.reshape(batch, seq, heads, dim).astype(q.dtype)
+  if gradient == "flash":
+    out = _attend(q, k, v, plan, geometry)
+    lse = _forward(*jax.lax.stop_gradient((q, k, v)), plan, geometry)[1] if return_lse else None
+  else:
+    out, lse = _forward(q, k, v, plan, geometry)
+  out = out.reshape(batch, seq, heads, dim).astype(q.dtype)
+  if not return_lse:
+    return out
+  return out, jax.lax.stop_gradient(lse).reshape(batch, seq, heads)

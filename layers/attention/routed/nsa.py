@@ -140,13 +140,12 @@ class NSAAttention(nnx.Module):
       v_cmp = nc.compress(v_cmp, mlp=self.compression_mlp("v"), **geo)
       first = positions[..., :k_cmp.shape[1] * nsa.compress_stride:nsa.compress_stride]
       k_cmp = rope.apply_rope(k_cmp, first, theta=self.rope_theta)
-      outs["compressed"], probs = nc.compressed_attention(q, k_cmp, v_cmp, **geo)
+      selection = None if "selected" not in nsa.branches else dict(
+          select_block=nsa.select_block, num_selected=nsa.num_selected, init_blocks=nsa.init_blocks,
+          local_blocks=nsa.local_blocks)
+      outs["compressed"], block_index = nc.compressed_branch(q, k_cmp, v_cmp, query_chunk=nsa.query_chunk,
+                                                             selection=selection, **geo)
     if "selected" in nsa.branches:
-      num_sel = nc.num_select_blocks(seq_len, nsa.select_block)
-      scores = nc.selection_scores(jax.lax.stop_gradient(probs), num_sel, compress_block=nsa.compress_block,
-                                   compress_stride=nsa.compress_stride, select_block=nsa.select_block)
-      block_index = nc.select_blocks(scores, nsa.num_selected, select_block=nsa.select_block,
-                                     init_blocks=nsa.init_blocks, local_blocks=nsa.local_blocks)
       outs["selected"] = selected_attention(q, k, v, block_index, scheme=nsa.selected_scheme,
                                             block_q=self.config.block_size, select_block=nsa.select_block,
                                             backend=self.config.backend)

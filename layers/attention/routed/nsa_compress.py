@@ -11,6 +11,7 @@ Compressed key j summarises tokens [j*d, j*d + l) and is visible to query t iff 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,37 +58,39 @@ def compress(x: jax.Array, *, block: int, stride: int, mlp: dict | None = None) 
   return (out + cast["b2"].astype(jnp.float32)).astype(x.dtype)
 
 
-def compressed_visible(seq_len: int, *, block: int, stride: int) -> np.ndarray:
-  """bool [T, T_c]: query t sees compressed key j iff the whole block lies in its past, j*d + l - 1 <= t."""
-  count = num_compressed(seq_len, block=block, stride=stride)
-  return np.arange(count)[None, :] * stride + block - 1 <= np.arange(seq_len)[:, None]
+def compressed_visible(num_keys: int, num_queries: int, *, block: int, stride: int,
+                       first_query: int = 0) -> np.ndarray:
+  """bool [Q, T_c]: query t (rows: first_query .. first_query + Q - 1) sees compressed key j (of num_keys)
+  iff the whole block lies in its past, j*d + l - 1 <= t."""
+  return np.arange(num_keys)[None, :] * stride + block - 1 <= first_query + np.arange(num_queries)[:, None]
 
 
 def compressed_attention(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, *, block: int, stride: int,
-                         scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+                         scale: float | None = None, first_query: int = 0) -> tuple[jax.Array, jax.Array]:
   """Attention of every query over the compressed keys it may see (eq. 8 with the compressed K/V).
 
-  q [B, T, H, D] (roped), k_cmp [B, T_c, KVH, D] (roped at the blocks' first positions), v_cmp likewise;
-  query head h reads kv head h // (H // KVH). Returns (out [B, T, H, D] in q.dtype, probs f32
-  [B, KVH, G, T, T_c] with G = H / KVH, the softmax the selection reads). A query that sees no compressed
+  q [B, Q, H, D] (roped; the queries at positions first_query .. first_query + Q - 1), k_cmp [B, T_c, KVH, D]
+  (roped at the blocks' first positions; any prefix of the keys that covers what the queries see), v_cmp
+  likewise; query head h reads kv head h // (H // KVH). Returns (out [B, Q, H, D] in q.dtype, probs f32
+  [B, KVH, G, Q, T_c] with G = H / KVH, the softmax the selection reads). A query that sees no compressed
   key (t < l - 1) gets out 0 and probs 0, never NaN. Softmax statistics in f32.
   """
-  batch, seq_len, heads, dim = q.shape
-  kv_heads = k_cmp.shape[2]
+  batch, num_queries, heads, dim = q.shape
+  kv_heads, count = k_cmp.shape[2], k_cmp.shape[1]
   scale = 1.0 / math.sqrt(dim) if scale is None else scale
   group = heads // kv_heads
-  if k_cmp.shape[1] == 0:
-    return jnp.zeros_like(q), jnp.zeros((batch, kv_heads, group, seq_len, 0), jnp.float32)
-  q = q.reshape(batch, seq_len, kv_heads, group, dim)
+  if count == 0:
+    return jnp.zeros_like(q), jnp.zeros((batch, kv_heads, group, num_queries, 0), jnp.float32)
+  q = q.reshape(batch, num_queries, kv_heads, group, dim)
   scores = jnp.einsum("BTKGD,BCKD->BKGTC", q, k_cmp, preferred_element_type=jnp.float32) * scale
-  visible = jnp.asarray(compressed_visible(seq_len, block=block, stride=stride))
+  visible = jnp.asarray(compressed_visible(count, num_queries, block=block, stride=stride, first_query=first_query))
   row_max = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   weights = jnp.exp(jnp.where(visible, scores - row_max, -jnp.inf))
   total = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(total > 0, total, 1.0)
   out = jnp.einsum("BKGTC,BCKD->BTKGD", probs.astype(v_cmp.dtype), v_cmp, preferred_element_type=jnp.float32)
-  return out.reshape(batch, seq_len, heads, dim).astype(q.dtype), probs
+  return out.reshape(batch, num_queries, heads, dim).astype(q.dtype), probs
 
 
 def overlap_weights(num_cmp: int, num_sel: int, *, compress_block: int, compress_stride: int,
@@ -110,40 +113,85 @@ def selection_scores(probs: jax.Array, num_sel: int, *, compress_block: int, com
   """Importance of each selection block for each query, shared by a GQA group (eqs. 9-10).
 
   probs f32 [B, KVH, G, T, T_c] (`compressed_attention`) -> f32 [B, KVH, T, n_sel]: summed over the G query
-  heads of a group (eq. 10) and mapped by `overlap_weights`. A compressed block overlaps at most
-  ceil(l / l') + 1 selection blocks, so the map is a few scatter-adds of [B, KVH, T, T_c], never a
-  [T_c, n_sel] matrix product.
+  heads of a group (eq. 10) and mapped by `overlap_weights`. With d | l' and l <= l', compressed block j
+  starts in selection block j // r (r = l' / d) and spills into the next one by the rest of its l / d
+  strides, so the map is two weighted sums over groups of r compressed blocks (a reshape), never a
+  [T_c, n_sel] product or a scatter.
   """
   shared = jnp.sum(probs, axis=2)  # [B, KVH, T, T_c]
   num_cmp = shared.shape[-1]
-  scores = jnp.zeros((*shared.shape[:-1], num_sel), jnp.float32)
   if num_cmp == 0:
-    return scores
-  start = np.arange(num_cmp) * compress_stride
-  for offset in range((compress_block - 1) // select_block + 2):
-    target = start // select_block + offset  # [T_c] selection block this band entry lands in
-    overlap = (np.minimum(start + compress_block, (target + 1) * select_block)
-               - np.maximum(start, target * select_block))
-    weight = np.where(target < num_sel, np.maximum(overlap, 0), 0) / compress_stride
-    if not weight.any():
-      continue
-    scores = scores.at[..., np.minimum(target, num_sel - 1)].add(shared * weight.astype(np.float32))
-  return scores
+    return jnp.zeros((*shared.shape[:-1], num_sel), jnp.float32)
+  ratio, strides = select_block // compress_stride, compress_block // compress_stride
+  groups = -(-num_cmp // ratio)
+  shared = jnp.pad(shared, [(0, 0)] * (shared.ndim - 1) + [(0, groups * ratio - num_cmp)])
+  shared = shared.reshape(*shared.shape[:-1], groups, ratio)
+  phase = np.arange(ratio)
+  here = np.minimum(strides, ratio - phase).astype(np.float32)  # strides inside selection block j // r
+  spill = strides - here  # strides in the next one
+  scores = jnp.einsum("...gr,r->...g", shared, here)
+  pad = [(0, 0)] * (scores.ndim - 1)
+  scores = jnp.pad(scores, pad + [(0, 1)])
+  if spill.any():
+    scores = scores + jnp.pad(jnp.einsum("...gr,r->...g", shared, spill), pad + [(1, 0)])
+  width = scores.shape[-1]  # groups + 1; blocks past num_sel hold 0 (compressed blocks lie inside T)
+  if width < num_sel:
+    return jnp.pad(scores, pad + [(0, num_sel - width)])
+  return scores[..., :num_sel]
+
+
+def compressed_branch(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, *, block: int, stride: int,
+                      query_chunk: int, selection: dict | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """The compressed branch (eq. 8) and, with `selection`, the selection it ranks (eqs. 9-10, §4.1), over
+  chunks of `query_chunk` queries: chunk c scores only the compressed keys its last query can see, so the
+  work is the causal part of [T, T_c] and the live memory one chunk's [Q, T_c]. Each chunk is a
+  jax.checkpoint: its probabilities are recomputed in the backward, not stored (memory linear in T).
+
+  q [B, T, H, D], k_cmp / v_cmp [B, T_c, KVH, D] as `compressed_attention` takes them; `selection` the
+  keyword arguments of `select_blocks` (select_block, num_selected, init_blocks, local_blocks). Returns
+  (out [B, T, H, D] in q.dtype, block_index int32 [B, KVH, T, S] or None), equal to `compressed_attention`
+  followed by `selection_scores` and `select_blocks` on the whole sequence.
+  """
+  seq_len = q.shape[1]
+
+  @functools.partial(jax.checkpoint, static_argnums=(3,))
+  def attend(q_c, k_c, v_c, first):
+    out, probs = compressed_attention(q_c, k_c, v_c, block=block, stride=stride, first_query=first)
+    return out, jax.lax.stop_gradient(probs)
+
+  outs, indices = [], []
+  for first in range(0, seq_len, query_chunk):
+    last = min(first + query_chunk, seq_len) - 1
+    seen = num_compressed(last + 1, block=block, stride=stride)  # keys of the chunk's last query
+    out, probs = attend(q[:, first:last + 1], k_cmp[:, :seen], v_cmp[:, :seen], first)
+    outs.append(out)
+    if selection is not None:
+      select_block = selection["select_block"]
+      visible = last // select_block + 1  # selection blocks the chunk's last query may pick
+      scores = selection_scores(probs, visible, compress_block=block, compress_stride=stride,
+                                select_block=select_block)
+      index = select_blocks(scores, first_query=first, **selection)
+      slots = min(selection["num_selected"], num_select_blocks(seq_len, select_block))
+      indices.append(jnp.pad(index, [(0, 0)] * 3 + [(0, slots - index.shape[-1])], constant_values=-1))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  if selection is None:
+    return out, None
+  return out, indices[0] if len(indices) == 1 else jnp.concatenate(indices, axis=2)
 
 
 def select_blocks(scores: jax.Array, num_selected: int, *, select_block: int, init_blocks: int,
-                  local_blocks: int) -> jax.Array:
+                  local_blocks: int, first_query: int = 0) -> jax.Array:
   """Top-n selection blocks per (kv head, query), the paper's §4.1 rule; no gradient (indices only).
 
-  scores f32 [B, KVH, T, n_sel] (`selection_scores`). Query t in block b_t = t // l' may pick blocks
+  scores f32 [B, KVH, Q, n_sel] (`selection_scores`) of the queries first_query .. first_query + Q - 1. Query t in block b_t = t // l' may pick blocks
   0 .. b_t (never the future); blocks 0 .. init_blocks - 1 and b_t - local_blocks + 1 .. b_t are always
   picked and counted in n. The other slots go to the highest scores, ties to the lower block id.
   Returns int32 [B, KVH, T, S] with S = min(n, n_sel): the picked block ids in ascending order, then -1 in
   the slots a query cannot fill (fewer than S visible blocks).
   """
-  seq_len, num_sel = scores.shape[-2], scores.shape[-1]
+  rows, num_sel = scores.shape[-2], scores.shape[-1]
   slots = min(num_selected, num_sel)
-  own = np.arange(seq_len)[:, None] // select_block  # [T, 1]
+  own = (first_query + np.arange(rows))[:, None] // select_block  # [T, 1]
   block = np.arange(num_sel)[None, :]
   visible = block <= own
   forced = visible & ((block < init_blocks) | (block > own - local_blocks))

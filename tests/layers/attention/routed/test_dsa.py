@@ -274,3 +274,23 @@ def test_selected_kl_block_gather_equals_token_gather(seed):
   assert float(want[0]) > 0
   with pytest.raises(ValueError, match="block_size"):
     kl(features, 5)
+
+
+def test_tile_kl_equals_gathered_kl_over_many_tiles(seed):
+  """`dsa_tile_kl.block_indexer_kl` (dsa_block's KL in kv_major tiles from the attention's lse; here tiles of 4
+  rows, 3 tiles a lax.map step, so several steps and a padded last one) equals `selected_indexer_kl` on the
+  same selection: value and the indexer features' gradients."""
+  from sparseformer.layers.attention.routed import dsa_loss, dsa_tile_kl, kv_major  # noqa: PLC0415
+  module, inputs = _module("dsa_block", topk=24), _inputs(seed)
+  features = module.indexer(inputs["x"], jnp.arange(T))
+  block_index = dsa.select_blocks(features, 24, 8, key_chunk=8, query_chunk=16)
+  q, k = inputs["q"], inputs["k"]
+  _, lse = kv_major.attend_kv_major(q, k, inputs["v"], block_index[:, None], block_kv=8, return_lse=True)
+  tiled = lambda f: dsa_tile_kl.block_indexer_kl(q, k, f, block_index, lse, block_size=8, tile=4,  # noqa: E731
+                                                 tiles_per_step=3)
+  gathered = lambda f: dsa_loss.selected_indexer_kl(q, k, f, dsa.block_tokens(block_index, 8),  # noqa: E731
+                                                    query_chunk=16)
+  got, want = (jax.jit(jax.value_and_grad(kl))(features) for kl in (tiled, gathered))
+  assert float(want[0]) > 0
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _close(g, w, rtol=1e-5, atol=1e-6)

@@ -25,9 +25,9 @@ from sparseformer.layers.attention.routed.nsa import NSAAttention
 HIGHEST = jax.lax.Precision.HIGHEST
 THETA = 10_000.0
 # A small NSA: l=8, d=4, l'=8, n=5 (1 initial + 2 local forced, 2 ranked), w=20; T=77 (not a multiple of any
-# block), GQA 4 query heads over 2 kv heads.
+# block), GQA 4 query heads over 2 kv heads; the compressed branch in 4 query chunks of 24 (the last partial).
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=5, window=20, init_blocks=1,
-                  local_blocks=2, gate_hidden=8)
+                  local_blocks=2, gate_hidden=8, query_chunk=24)
 B, T, DIM, H, KVH, D = 2, 77, 24, 4, 2, 16
 
 
@@ -206,6 +206,38 @@ def test_compressed_attention_is_causal(seed):
   assert np.all(np.asarray(probs)[..., ~visible] == 0)
   np.testing.assert_array_equal(np.asarray(out)[:, :l - 1], 0.0)
   np.testing.assert_allclose(np.asarray(probs)[..., l - 1:, :].sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [(32, 16, 64), (16, 8, 32)])  # (8, 4, 8) runs in the module tests
+def test_compressed_branch_in_chunks_equals_one_pass(seed, geometry):
+  """compressed_branch over query chunks (7 or 32 rows, odd chunk edges) equals compressed_attention +
+  selection_scores + select_blocks over the whole sequence: block ids exactly, out and dq / dk / dv."""
+  l, d, lp = geometry
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
+  kc, vc = (jnp.asarray(rng.normal(size=(B, nc.num_compressed(T, block=l, stride=d), KVH, D)), jnp.float32)
+            for _ in range(2))
+  cotangent = rng.normal(size=(B, T, H, D)).astype(np.float32)
+  selection = dict(select_block=lp, num_selected=3, init_blocks=1, local_blocks=1)
+
+  def whole(q, kc, vc):
+    out, probs = nc.compressed_attention(q, kc, vc, block=l, stride=d)
+    scores = nc.selection_scores(jax.lax.stop_gradient(probs), nc.num_select_blocks(T, lp), compress_block=l,
+                                 compress_stride=d, select_block=lp)
+    return out, nc.select_blocks(scores, **selection)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(fn(*a)[0] * cotangent), fn(*a)), argnums=(0, 1, 2),
+                                      has_aux=True))
+
+  (_, (expected_out, expected_index)), expected = loss(whole)(q, kc, vc)
+  for chunk in (7, 32):
+    chunked = functools.partial(nc.compressed_branch, block=l, stride=d, query_chunk=chunk, selection=selection)
+    (_, (out, index)), grads = loss(chunked)(q, kc, vc)
+    np.testing.assert_array_equal(np.asarray(index), np.asarray(expected_index))
+    assert _max_rel_err(out, expected_out) < 1e-6, f"chunk {chunk}: out"
+    for name, grad, ref in zip(("q", "k_cmp", "v_cmp"), grads, expected):
+      assert _max_rel_err(grad, ref) < 1e-5, f"chunk {chunk}: d{name}"
 
 
 def test_select_blocks_equals_reference_with_forced_blocks_and_padding(seed):
