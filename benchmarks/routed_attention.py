@@ -149,9 +149,10 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
   """The layer's parts as separate functions of (q, k, v) for `--split` (where the fwd+bwd time goes): the
   kv_major attention (fwd, fwd+bwd; the selection fixed from these inputs), and per kind what surrounds it
   (MoBA's selection; NSA's compressed branch, selection, window branch; dsa_block's indexer + block top-k and
-  the selected KL with the gradient to the indexer features). Same settings as the benchmark."""
+  the selected KL with the gradient to the indexer features, gathered per query and in kv_major tiles). Same
+  settings as the benchmark."""
   from sparseformer.layers.attention import backends  # noqa: PLC0415
-  from sparseformer.layers.attention.routed import dsa, dsa_loss, kv_major, moba, nsa  # noqa: PLC0415
+  from sparseformer.layers.attention.routed import dsa, dsa_loss, dsa_tile_kl, kv_major, moba, nsa  # noqa: PLC0415
   from sparseformer.layers.attention.routed import nsa_compress as nc  # noqa: PLC0415
 
   def with_grad(fn):
@@ -193,10 +194,13 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
     block_index = dsa.select_blocks(features, cfg.topk, cfg.block_size, **chunks)
     tokens = dsa.block_tokens(block_index, cfg.block_size)
     index, block = block_index[:, None], cfg.block_size
-    for name, size in (("selected KL, block gather", cfg.block_size), ("selected KL, token gather", None)):
-      kl = lambda f, q, k, size=size: dsa_loss.selected_indexer_kl(  # noqa: E731
-          q, k, f, tokens, query_chunk=cfg.query_chunk, block_size=size)
-      parts[name + " fwd+bwd"] = lambda q, k, v, kl=kl: jax.grad(kl)(features, q, k)
+    kl = lambda f, q, k: dsa_loss.selected_indexer_kl(  # noqa: E731
+        q, k, f, tokens, query_chunk=cfg.query_chunk, block_size=cfg.block_size)
+    parts["selected KL, block gather fwd+bwd"] = lambda q, k, v: jax.grad(kl)(features, q, k)
+    _, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=cfg.block_size, return_lse=True)
+    tiled = lambda f, q, k: dsa_tile_kl.block_indexer_kl(q, k, f, block_index, lse,  # noqa: E731
+                                                         block_size=cfg.block_size)
+    parts["selected KL, kv_major tiles fwd+bwd (the model's)"] = lambda q, k, v: jax.grad(tiled)(features, q, k)
   for gradient in ("autodiff", "flash"):
     attend = lambda q, k, v, gradient=gradient: kv_major.attend_kv_major(q, k, v, index, block_kv=block,  # noqa: E731
                                                                          gradient=gradient)

@@ -100,7 +100,9 @@ class DSAAttention(nnx.Module):
     geometry = type("Blocks", (), {"block_q": self.config.block_size, "block_kv": dsa.block_size})
     backend = backends.resolve_backend(self.config.backend, q, geometry)
     if dsa.block_scheme == "kv_major" and backend == "xla":
-      out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True)
+      # The flash VJP: 0.62x autodiff's attention fwd+bwd at T = 8192 (docs/benchmarks.md, 2026-12-03 split).
+      out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True,
+                                          gradient="flash")
       return out, block_index, lse
     out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
                                         block_kv=dsa.block_size, backend=backend)

@@ -228,22 +228,24 @@ def _own_block_backward(q, k, v, mask, lse, delta, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q, k, v, plan: _Plan, geometry):
-  """`_forward`'s output with a flash-style VJP (`_attend_backward`)."""
-  return _forward(q, k, v, plan, geometry)[0]
+  """`_forward`'s (out, lse) with a flash-style VJP (`_attend_backward`); lse carries no gradient (the
+  caller stops it)."""
+  return _forward(q, k, v, plan, geometry)
 
 
 def _attend_forward(q, k, v, plan, geometry):
   out, lse = _forward(q, k, v, plan, geometry)
-  return out, (q, k, v, plan, out, lse)
+  return (out, lse), (q, k, v, plan, out, lse)
 
 
-def _attend_backward(geometry, residuals, d_out):
+def _attend_backward(geometry, residuals, cotangents):
   """dq, dk, dv recomputing every tile's probabilities from the rows' final lse (flash attention's backward):
   no saved tiles, and the tile rows' dq return to their rows by a gather through `assignment_slot` (the
   dispatch's inverse), summed over slots, instead of autodiff's scatter-add; dk, dv per tile sum into their
   key block (tiles sorted by block, a segment sum of whole tiles)."""
   block_kv, tile, slots = geometry
   q, k, v, plan, out, lse = residuals
+  d_out = cotangents[0]  # lse's cotangent is zero: attend_kv_major returns it under stop_gradient
   batch, seq, rows, reps, dim = q.shape
   kv_heads = k.shape[2]
   num_blocks = math.ceil(seq / block_kv)
@@ -293,8 +295,8 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
   Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
   forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
-  VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks, which use it, slower
-  for 64-key blocks: docs/benchmarks.md, 2026-12-02). return_lse: also return each row's log-sum-exp of its
+  VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks and, in the quiet
+  2026-12-03 split at T = 8192, dsa_block's 64-key blocks, both of which use it: docs/benchmarks.md). return_lse: also return each row's log-sum-exp of its
   scaled scores, f32 [B, T, H] under stop_gradient (-inf for a row that sees nothing; dsa_tile_kl reads it)."""
   _check(q, k, v, block_index, block_kv, tile, token_mask)
   if gradient not in ("flash", "autodiff"):
@@ -311,11 +313,7 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   mask_rows = None if token_mask is None else jnp.transpose(token_mask, (0, 2, 1, 3, 4))  # [B, T, Hl', S, bk]
   plan = jax.lax.stop_gradient(_plan(index, mask_rows, kv_heads=kv_heads, block_kv=block_kv, tile=tile))
   geometry = (block_kv, tile, index.shape[-1])
-  if gradient == "flash":
-    out = _attend(q, k, v, plan, geometry)
-    lse = _forward(*jax.lax.stop_gradient((q, k, v)), plan, geometry)[1] if return_lse else None
-  else:
-    out, lse = _forward(q, k, v, plan, geometry)
+  out, lse = (_attend if gradient == "flash" else _forward)(q, k, v, plan, geometry)
   out = out.reshape(batch, seq, heads, dim).astype(q.dtype)
   if not return_lse:
     return out

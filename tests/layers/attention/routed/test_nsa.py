@@ -399,6 +399,21 @@ def test_window_branch_alone_equals_local_kind(seed):
   assert set(aux) == {"aux_loss", "gate_window"} and float(aux["gate_window"]) == 1.0
 
 
+def test_selected_branch_over_every_block_equals_dense_causal(seed):
+  """NSA with only its selected branch, n >= the number of blocks (every visible block picked) and that gate at 1
+  is dense causal attention (the MQAR doubt of docs/results/mqar.md: NSA's selection is not what stalls it)."""
+  cfg = dataclasses.replace(SMALL, branches=("selected",), separate_kv=False, gate="linear", init_blocks=0,
+                            local_blocks=1, num_selected=nc.num_select_blocks(T, SMALL.select_block))
+  module = _module(cfg, "xla")
+  module.gate_w[...] = jnp.zeros_like(module.gate_w[...])
+  module.gate_b[...] = jnp.full(module.gate_b.shape, 50.0)  # sigmoid(50) == 1.0 in f32
+  (x, q, k, v), _ = _inputs(seed, jnp.float32)
+  out, aux = jax.jit(lambda *a: module(*a, jnp.arange(T)))(x, q, k, v)
+  want, _ = ref_attention(q, k, v, np.tril(np.ones((T, T), bool))[None, None])
+  assert _max_rel_err(out, want) < 1e-5
+  assert float(aux["selected_density"]) == 1.0
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("branches", (), "attention.nsa.branches"), ("branches", ("window", "window"), "attention.nsa.branches"),
     ("branches", ("dense",), "attention.nsa.branches"), ("gate_hidden", 0, "attention.nsa.gate_hidden"),
