@@ -70,20 +70,20 @@ class DSAAttention(nnx.Module):
       kl = dsa_loss.dense_indexer_kl(q, k, features, query_chunk=dsa.query_chunk, key_chunk=dsa.key_chunk)
       density = jnp.float32((seq_len + 1) / (2 * seq_len))
     else:
-      lse = None
+      lse = target = None
       if self.block:
         out, block_index, lse = self._block_attention(q, k, v, features)
         selection = block_tokens(block_index, dsa.block_size)
       else:
         selection = dsa_indexer.running_top_k(features, dsa.topk, key_chunk=dsa.key_chunk,
                                               query_chunk=dsa.query_chunk)
-        out = dsa_gather.token_gather_attention(q, k, v, selection.index, selection.valid,
-                                                query_chunk=dsa.query_chunk)
+        out, target = dsa_gather.token_gather_attention(q, k, v, selection.index, selection.valid,
+                                                        query_chunk=dsa.query_chunk, return_probs=True)
       if lse is not None:  # kv_major's tiles: the KL from the attention's lse, no per-query key gathers
         kl = dsa_tile_kl.block_indexer_kl(q, k, features, block_index, lse, block_size=dsa.block_size)
       else:
-        kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk,
-                                          block_size=dsa.block_size if self.block else None)
+        kl = dsa_loss.selected_indexer_kl(q, k, features, selection, query_chunk=dsa.query_chunk,  # target: dsa
+                                          block_size=dsa.block_size if self.block else None, target=target)
       density = jnp.sum(selection.valid, dtype=jnp.float32) / (q.shape[0] * seq_len * seq_len)
     aux = {"aux_loss": dsa.indexer_loss_weight * kl, "indexer_kl": kl, "density": density}
     return out, aux
@@ -100,9 +100,9 @@ class DSAAttention(nnx.Module):
     geometry = type("Blocks", (), {"block_q": self.config.block_size, "block_kv": dsa.block_size})
     backend = backends.resolve_backend(self.config.backend, q, geometry)
     if dsa.block_scheme == "kv_major" and backend == "xla":
-      # The flash VJP: 0.62x autodiff's attention fwd+bwd at T = 8192 (docs/benchmarks.md, 2026-12-03 split).
-      out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True,
-                                          gradient="flash")
+      # autodiff, not the flash VJP: equal layer fwd+bwd time at 8K and 16K, 1 GB less peak memory at 16K
+      # (docs/benchmarks.md, 2026-12-03 second session).
+      out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True)
       return out, block_index, lse
     out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
                                         block_kv=dsa.block_size, backend=backend)

@@ -23,9 +23,12 @@ from sparseformer.layers.attention.routed.dsa_indexer import query_chunks, query
 
 
 def token_gather_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array, *,
-                           query_chunk: int = 128, scale: float | None = None) -> jax.Array:
+                           query_chunk: int = 128, scale: float | None = None, return_probs: bool = False):
   """q [B, T, H, D], k / v [B, S, KVH, D], index int [B, T, K] (any value where not valid), valid bool
-  [B, T, K] -> [B, T, H, D] in q.dtype. Raises ValueError on inconsistent shapes."""
+  [B, T, K] -> [B, T, H, D] in q.dtype. Raises ValueError on inconsistent shapes.
+
+  return_probs: also return the head mean of the attention probabilities per slot, f32 [B, T, K] under
+  stop_gradient (0 in invalid slots; DSA's sparse-stage KL target, `dsa_loss.selected_indexer_kl(target=)`)."""
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
     raise ValueError(f"token_gather_attention: expected q [B, T, H, D], k = v [B, S, KVH, D]; got "
@@ -41,9 +44,12 @@ def token_gather_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # one rounding, as the block backends
   q = q.reshape(batch, seq_len, k.shape[2], heads // k.shape[2], dim)  # [B, T, G, R, D]
   index = jnp.where(valid, index, 0).astype(jnp.int32)
-  out = _gather_core(chunk, query_chunks(q, chunk), k, v, query_chunks(index, chunk),
-                     query_chunks(valid.astype(bool), chunk))
-  return query_unchunks(out, seq_len).reshape(batch, seq_len, heads, dim)
+  out, probs = _gather_core(chunk, query_chunks(q, chunk), k, v, query_chunks(index, chunk),
+                            query_chunks(valid.astype(bool), chunk))
+  out = query_unchunks(out, seq_len).reshape(batch, seq_len, heads, dim)
+  if not return_probs:
+    return out
+  return out, jax.lax.stop_gradient(query_unchunks(probs, seq_len))
 
 
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -68,26 +74,30 @@ def _forward(q_chunks, k, v, index_chunks, valid_chunks):
     row_sum = jnp.sum(probs, axis=-1)
     safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)
     out = jnp.einsum("bqgrk,bqkgd->bqgrd", probs.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
-    return (out / safe_sum[..., None]).astype(q.dtype), row_max[..., 0] + jnp.log(safe_sum)
+    head_mean = jnp.mean(probs / safe_sum[..., None], axis=(2, 3))  # [B, Cq, K]
+    return (out / safe_sum[..., None]).astype(q.dtype), row_max[..., 0] + jnp.log(safe_sum), head_mean
 
   return jax.lax.map(step, (q_chunks, index_chunks, valid_chunks))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gather_core(chunk, q_chunks, k, v, index_chunks, valid_chunks):
+  """(out, head-mean probabilities) per chunk; the probabilities carry no gradient (the caller stops them)."""
   del chunk  # static: part of the trace key only
-  return _forward(q_chunks, k, v, index_chunks, valid_chunks)[0]
+  out, _, head_mean = _forward(q_chunks, k, v, index_chunks, valid_chunks)
+  return out, head_mean
 
 
 def _gather_core_fwd(chunk, q_chunks, k, v, index_chunks, valid_chunks):
   del chunk
-  out, lse = _forward(q_chunks, k, v, index_chunks, valid_chunks)
-  return out, (q_chunks, k, v, index_chunks, valid_chunks, out, lse)
+  out, lse, head_mean = _forward(q_chunks, k, v, index_chunks, valid_chunks)
+  return (out, head_mean), (q_chunks, k, v, index_chunks, valid_chunks, out, lse)
 
 
-def _gather_core_bwd(chunk, residuals, d_out):
+def _gather_core_bwd(chunk, residuals, cotangents):
   """Per chunk: recompute p from the lse, dq for the chunk, scatter-add dk / dv of its selected keys."""
   del chunk
+  d_out = cotangents[0]  # the head-mean probabilities are returned under stop_gradient: no cotangent
   q_chunks, k, v, index_chunks, valid_chunks, out, lse = residuals
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [n, B, Cq, G, R]
   scatter = jax.vmap(lambda acc, ids, update: acc.at[ids].add(update))

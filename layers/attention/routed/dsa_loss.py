@@ -80,7 +80,7 @@ def dense_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, *, q
 
 
 def selected_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, selection: TokenSelection, *,
-                        query_chunk: int, block_size: int | None = None) -> jax.Array:
+                        query_chunk: int, block_size: int | None = None, target: jax.Array | None = None) -> jax.Array:
   """Sparse-stage loss: mean over tokens of KL(p_t || softmax_{s in S_t}(I[t, s])) over the selected set.
 
   p_t is the sparse attention's own distribution over S_t (softmax of the main scores over the selected
@@ -90,6 +90,9 @@ def selected_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, s
   block_size: the selection is `dsa.block_tokens` of blocks of this size (slot j * bs + i holds key
   block_j * bs + i), so keys are gathered as whole blocks ([B, Cq, n] slices of bs rows) instead of one row
   per slot: the same values (a test holds them equal), fewer and larger gathers.
+
+  target: p_t itself, f32 [B, T, K] in the selection's slot order (`dsa_gather.token_gather_attention(
+  return_probs=True)`): the main scores are then not recomputed (q, k unread).
   """
   batch, seq_len = q.shape[:2]
   chunk = max(1, min(query_chunk, seq_len))
@@ -110,13 +113,15 @@ def selected_indexer_kl(q: jax.Array, k: jax.Array, features: IndexerFeatures, s
 
   @jax.checkpoint
   def one_chunk(args):
-    q_chunk, q_index, weights, ids, valid = args
-    main = jnp.einsum("bqgrd,bqkgd->bqgrk", q_chunk, gather(k, ids))
-    target = _head_mean_distribution(main, valid[:, :, None, None])
+    q_chunk, q_index, weights, ids, valid, p = args
+    if p is None:
+      p = _head_mean_distribution(jnp.einsum("bqgrd,bqkgd->bqgrk", q_chunk, gather(k, ids)),
+                                  valid[:, :, None, None])
     logits = jnp.einsum("bqhd,bqkd->bqhk", q_index, gather(features.k, ids))
     logits = jnp.einsum("bqhk,bqh->bqk", jax.nn.relu(logits), weights)  # eq. 1 on the selected keys
-    return jnp.sum(_kl_rows(jax.lax.stop_gradient(target), logits, valid))  # padded rows: nothing valid, 0
+    return jnp.sum(_kl_rows(jax.lax.stop_gradient(p), logits, valid))  # padded rows: nothing valid, 0
 
+  target = None if target is None else query_chunks(jax.lax.stop_gradient(target.astype(jnp.float32)), chunk)
   per_chunk = jax.lax.map(one_chunk, tuple(query_chunks(x, chunk) for x in (
-      q, features.q, features.weights, index, selection.valid)))
+      q, features.q, features.weights, index, selection.valid)) + (target,))
   return jnp.sum(per_chunk) / (batch * seq_len)

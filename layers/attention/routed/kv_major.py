@@ -295,8 +295,8 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
   Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
   forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
-  VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks and, in the quiet
-  2026-12-03 split at T = 8192, dsa_block's 64-key blocks, both of which use it: docs/benchmarks.md). return_lse: also return each row's log-sum-exp of its
+  VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks, which use it; for
+  64-key blocks faster alone but not inside the dsa_block layer: docs/benchmarks.md). return_lse: also return each row's log-sum-exp of its
   scaled scores, f32 [B, T, H] under stop_gradient (-inf for a row that sees nothing; dsa_tile_kl reads it)."""
   _check(q, k, v, block_index, block_kv, tile, token_mask)
   if gradient not in ("flash", "autodiff"):

@@ -170,3 +170,34 @@ def test_flash_gradient_in_bfloat16(seed):
                                                                                      for x in (q, k, v)))
   _assert_close(flash, want, 3e-2)
   _assert_close(flash, autodiff, 3e-2)
+
+
+@pytest.mark.parametrize("gradient", ["autodiff", "flash"])
+def test_return_lse_is_the_rows_logsumexp(seed, gradient):
+  """return_lse=True: each row's log-sum-exp of its scaled, masked scores (NumPy), -inf where a row sees
+  nothing; the output is unchanged and the lse carries no gradient (dsa_tile_kl's input)."""
+  rng = np.random.default_rng(seed)
+  seq, heads = 21, 4
+  q, k, v = _inputs(rng, 1, seq, heads, 2, 8)
+  index = _selection(rng, 1, 2, seq, 3)
+  out, lse = jax.jit(lambda q, k, v: kv_major.attend_kv_major(q, k, v, jnp.asarray(index), block_kv=BLOCK, tile=4,
+                                                              gradient=gradient, return_lse=True))(q, k, v)
+  mask = _mask(index, seq, heads)  # [B, H, T, T]
+  kk = np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  scores = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), kk) / np.sqrt(8)
+  scores = np.where(mask, scores, -np.inf)
+  top = np.max(scores, -1, keepdims=True)
+  want = np.where(mask.any(-1), (np.where(np.isfinite(top), top, 0) + np.log(np.sum(np.exp(
+      scores - np.where(np.isfinite(top), top, 0)), -1, keepdims=True)))[..., 0], -np.inf).transpose(0, 2, 1)
+  got = np.asarray(lse, np.float64)
+  assert got.shape == (1, seq, heads)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  finite = np.isfinite(want)
+  assert finite.mean() > 0.5 and np.max(np.abs(got[finite] - want[finite])) < 1e-5
+  plain = jax.jit(lambda q, k, v: kv_major.attend_kv_major(q, k, v, jnp.asarray(index), block_kv=BLOCK, tile=4,
+                                                           gradient=gradient))(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=0, atol=1e-6)
+  grad = jax.grad(lambda q: jnp.sum(jnp.where(jnp.isfinite(lse_of(q)), lse_of(q), 0.0)))
+  lse_of = lambda q: kv_major.attend_kv_major(q, k, v, jnp.asarray(index), block_kv=BLOCK, tile=4,  # noqa: E731
+                                              gradient=gradient, return_lse=True)[1]
+  assert not np.asarray(grad(q)).any()
