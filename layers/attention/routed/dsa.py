@@ -100,8 +100,8 @@ class DSAAttention(nnx.Module):
     geometry = type("Blocks", (), {"block_q": self.config.block_size, "block_kv": dsa.block_size})
     backend = backends.resolve_backend(self.config.backend, q, geometry)
     if dsa.block_scheme == "kv_major" and backend == "xla":
-      # autodiff, not the flash VJP: equal layer fwd+bwd time at 8K and 16K, 1 GB less peak memory at 16K
-      # (docs/benchmarks.md, 2026-12-03 second session).
+      # autodiff, not the flash VJP: no clear layer fwd+bwd difference at 8K and 16K, 1 GB less peak memory at
+      # 16K (docs/benchmarks.md, 2026-12-03 second session).
       out, lse = kv_major.attend_kv_major(q, k, v, block_index[:, None], block_kv=dsa.block_size, return_lse=True)
       return out, block_index, lse
     out = selection_lib.attend_selected(q, k, v, block_index[:, None], block_q=self.config.block_size,
