@@ -21,7 +21,9 @@ Training follows the paper's two stages (§2.1), chosen by `attention.dsa.stage`
           by KL(p_t || softmax(I_t)) over all visible keys, p_t the main attention summed over heads and
           L1-normalised (`dsa_loss.dense_indexer_kl`); train/optimizer.py freezes every other parameter.
   sparse  attention over the selected set; the indexer learns by the same KL restricted to S_t
-          (`dsa_loss.selected_indexer_kl`) with its input detached.
+          (`dsa_loss.selected_indexer_kl`, its target the token-gather attention's own probabilities;
+          dsa_block on xla's kv_major path: `dsa_tile_kl.block_indexer_kl`, the same loss in the attention's
+          tiles from its lse) with its input detached.
 
 In both stages the indexer reads stop_gradient(x) and the KL target is detached, so the LM loss gives the
 indexer exactly zero gradient (its scores only reach the output as integer indices) and the indexer loss

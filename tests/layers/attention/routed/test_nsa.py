@@ -418,7 +418,7 @@ def test_selected_branch_over_every_block_equals_dense_causal(seed):
     ("branches", (), "attention.nsa.branches"), ("branches", ("window", "window"), "attention.nsa.branches"),
     ("branches", ("dense",), "attention.nsa.branches"), ("gate_hidden", 0, "attention.nsa.gate_hidden"),
     ("compression", "max", "attention.nsa.compression"), ("local_blocks", 17, "attention.nsa.num_selected"),
-    ("selected_scheme", "rows", "attention.nsa.selected_scheme")])
+    ("selected_scheme", "rows", "attention.nsa.selected_scheme"), ("query_chunk", 0, "attention.nsa.query_chunk")])
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     NSAConfig(**{field: value})
