@@ -6,7 +6,8 @@
     block_index = select_blocks(scores, ...)                     # [B, KVH, T, S] int32, -1 = empty slot
 
 Compressed key j summarises tokens [j*d, j*d + l) and is visible to query t iff j*d + l - 1 <= t
-(it has seen only the past). Scores are [B, H, T, T_c] with T_c = (T - l) // d + 1: never [T, T].
+(it has seen only the past). Scores are [B, H, T, T_c] with T_c = (T - l) // d + 1: never [T, T]; the model
+runs the last three lines as `compressed_branch`, over query chunks (the causal part, [chunk, T_c] live).
 """
 
 from __future__ import annotations
