@@ -35,11 +35,7 @@ def _terms(scores: jax.Array, lse: jax.Array, logits: jax.Array, mask: jax.Array
   probs = jnp.exp(jnp.where(mask[..., None, :], scores, -jnp.inf) - jnp.where(finite, lse, 0.0)[..., None])
   p = jnp.mean(jnp.where(finite[..., None], probs, 0.0), axis=-2)  # [..., S]
   entropy = jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
-  masked = jnp.where(mask, logits, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  total = jnp.sum(jnp.exp(masked - top), axis=-1)
-  lse_i = jnp.where(total > 0, top[..., 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  _, _, lse_i = kv_major._softmax_parts(logits, mask)  # the masked log-sum-exp of I
   return entropy, jnp.sum(jnp.where(mask, p * logits, 0.0), axis=-1), jnp.sum(p, axis=-1), lse_i
 
 

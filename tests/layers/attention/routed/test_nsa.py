@@ -227,8 +227,10 @@ def test_compressed_branch_in_chunks_equals_one_pass(seed, geometry):
     return out, nc.select_blocks(scores, **selection)
 
   def loss(fn):
-    return jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(fn(*a)[0] * cotangent), fn(*a)), argnums=(0, 1, 2),
-                                      has_aux=True))
+    def value(*args):
+      out = fn(*args)
+      return jnp.sum(out[0] * cotangent), out
+    return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2), has_aux=True))
 
   (_, (expected_out, expected_index)), expected = loss(whole)(q, kc, vc)
   for chunk in (7, 32):
