@@ -17,8 +17,10 @@ one row per (token, kv head) carrying its G query heads (the shared row is repea
 GQA group's selection is dispatched once, not G times. Tiles: the B * T * Hl' * S assignments sorted by
 (batch, kv head, block) and packed `tile` rows a tile, ceil(assignments / tile) + B * KVH * nk tiles at most
 (each group wastes under one tile), a static count. Work is O(T * H * S * block_kv), never [T, T].
-Gradients: autodiff through the gathers, the tile attention (rematerialised) and the merge, or (gradient="flash")
-a custom VJP that recomputes tile probabilities from the rows' final lse; none to the selection. A row with nothing visible returns zeros with zero gradients.
+Gradients: autodiff through the gathers and the merge with the tile attention's own flash VJP (probabilities
+recomputed from each tile's saved lse), or (gradient="flash") a custom VJP of the whole call that recomputes tile
+probabilities from the rows' final lse; none to the selection. A row with nothing visible returns zeros with zero
+gradients.
 """
 
 from __future__ import annotations
@@ -44,14 +46,56 @@ def _softmax_parts(scores: jax.Array, mask: jax.Array | None):
   return probs, safe, lse
 
 
-@jax.checkpoint
-def _tile_attention(q_tiles: jax.Array, k_tiles: jax.Array, v_tiles: jax.Array, mask: jax.Array | None):
-  """q [n, tile, R, D] (pre-scaled) against k, v [n, bk, D], mask bool [n, tile, bk] or None
-  -> (out f32 [n, tile, R, D], lse f32 [n, tile, R])."""
+def _tile_forward(q_tiles, k_tiles, v_tiles, mask):
   scores = jnp.einsum("ntrd,nkd->ntrk", q_tiles, k_tiles, preferred_element_type=jnp.float32)
   probs, row_sum, lse = _softmax_parts(scores, None if mask is None else mask[:, :, None, :])
   out = jnp.einsum("ntrk,nkd->ntrd", probs.astype(v_tiles.dtype), v_tiles, preferred_element_type=jnp.float32)
   return out / row_sum[..., None], lse
+
+
+@jax.custom_vjp
+def _tile_attention(q_tiles: jax.Array, k_tiles: jax.Array, v_tiles: jax.Array, mask: jax.Array | None):
+  """q [n, tile, R, D] (pre-scaled) against k, v [n, bk, D], mask bool [n, tile, bk] or None
+  -> (out f32 [n, tile, R, D], lse f32 [n, tile, R]). The VJP (`_tile_backward`) is flash attention's inside
+  each tile: probabilities recomputed from the saved lse, no stored [n, tile, R, bk]."""
+  return _tile_forward(q_tiles, k_tiles, v_tiles, mask)
+
+
+def _tile_attention_fwd(q_tiles, k_tiles, v_tiles, mask):
+  out, lse = _tile_forward(q_tiles, k_tiles, v_tiles, mask)
+  return (out, lse), (q_tiles, k_tiles, v_tiles, mask, out, lse)
+
+
+def _tile_grads(q, k, v, mask, lse, delta, d_out):
+  """Flash attention's backward inside each tile: q, d_out [n, tile, R, D], k, v [n, bk, D], mask bool
+  broadcastable to [n, tile, R, bk], lse and delta f32 [n, tile, R] -> (dq [n, tile, R, D], dk, dv [n, bk, D]) f32.
+  d_scores = P (dP - delta) with P recomputed from lse. dk, dv contract the flattened (tile, R) rows as dimension
+  1 of both operands: the "ntrk,ntrd->nkd" einsum let XLA CPU transpose d_scores and run a ~5x slower dot
+  (docs/benchmarks.md, 2026-12-04)."""
+  n, tile, reps, _ = q.shape
+  scores = jnp.einsum("ntrd,nkd->ntrk", q, k, preferred_element_type=jnp.float32)
+  probs = _probs_from_lse(scores, mask, lse)
+  d_out = d_out.astype(v.dtype)
+  d_probs = jnp.einsum("ntrd,nkd->ntrk", d_out, v, preferred_element_type=jnp.float32)
+  d_scores = probs * (d_probs - delta[..., None])
+  dq = jnp.einsum("ntrk,nkd->ntrd", d_scores.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  rows = lambda x, dtype: x.reshape(n, tile * reps, x.shape[-1]).astype(dtype)  # noqa: E731
+  by_rows = (((1,), (1,)), ((0,), (0,)))
+  dk = jax.lax.dot_general(rows(d_scores, q.dtype), rows(q, q.dtype), by_rows, preferred_element_type=jnp.float32)
+  dv = jax.lax.dot_general(rows(probs, v.dtype), rows(d_out, v.dtype), by_rows, preferred_element_type=jnp.float32)
+  return dq, dk, dv
+
+
+def _tile_backward(residuals, cotangents):
+  """dq, dk, dv of a tile batch from d_out and d_lse (the merge weights read lse): delta = rowsum(dO * O) - d_lse."""
+  q, k, v, mask, out, lse = residuals
+  d_out, d_lse = cotangents
+  visible = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask[:, :, None, :]
+  dq, dk, dv = _tile_grads(q, k, v, visible, lse, jnp.sum(d_out * out, axis=-1) - d_lse, d_out)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_tile_attention.defvjp(_tile_attention_fwd, _tile_backward)
 
 
 def _own_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
@@ -262,25 +306,15 @@ def _attend_backward(geometry, residuals, cotangents):
     mask = (plan.slot_assignment >= 0).reshape(-1, tile, 1, 1)
     if plan.tile_mask is not None:
       mask = mask & plan.tile_mask[:, :, None, :]
-    scores = jnp.einsum("ntrd,nkd->ntrk", q_tiles, k_tiles, preferred_element_type=jnp.float32)
-    probs = _probs_from_lse(scores, mask, lse_tiles)
-    d_probs = jnp.einsum("ntrd,nkd->ntrk", do_tiles, v_tiles, preferred_element_type=jnp.float32)
-    d_scores = probs * (d_probs - delta_tiles[..., None])
-    dq_tiles = jnp.einsum("ntrk,nkd->ntrd", d_scores.astype(k.dtype), k_tiles, preferred_element_type=jnp.float32)
+    dq_tiles, dk_tiles, dv_tiles = _tile_grads(q_tiles, k_tiles, v_tiles, mask, lse_tiles, delta_tiles, do_tiles)
     taken = (plan.assignment_slot >= 0)[..., None, None]
     dq_slots = dq_tiles.reshape(-1, reps, dim)[jnp.maximum(plan.assignment_slot, 0)]  # [B, T, Hl', S, R, D]
     dq = dq + jnp.sum(jnp.where(taken, dq_slots, 0.0), axis=3)
     groups = batch * kv_heads * num_blocks
-    for name, grad in (("k", jnp.einsum("ntrk,ntrd->nkd", d_scores.astype(q.dtype), q_tiles,
-                                        preferred_element_type=jnp.float32)),
-                       ("v", jnp.einsum("ntrk,ntrd->nkd", probs.astype(v.dtype), do_tiles,
-                                        preferred_element_type=jnp.float32))):
-      summed = jax.ops.segment_sum(grad, plan.tile_group, groups, indices_are_sorted=True)  # [groups, bk, D]
-      summed = summed.reshape(batch, kv_heads, padded, dim).transpose(0, 2, 1, 3)[:, :seq]
-      if name == "k":
-        dk = dk + summed
-      else:
-        dv = dv + summed
+    def to_keys(grad):  # [n, bk, D] per tile -> [B, T, KVH, D], summed into the key block each tile read
+      summed = jax.ops.segment_sum(grad, plan.tile_group, batch * kv_heads * num_blocks, indices_are_sorted=True)
+      return summed.reshape(batch, kv_heads, padded, dim).transpose(0, 2, 1, 3)[:, :seq]
+    dk, dv = dk + to_keys(dk_tiles), dv + to_keys(dv_tiles)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -294,7 +328,7 @@ def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, block_index: jax.A
   selected blocks block_index int32 [B, Hl, T, S] (Hl in (1, KVH, H); any slot order, -1 empty, no
   duplicates) and, with token_mask bool [B, Hl, T, S, block_kv], to the keys its slot keeps.
   Returns [B, T, H, D] in q.dtype (zeros for a row that sees nothing). gradient: "autodiff" (through the
-  forward's gathers, tile attention rematerialised; the default and the reference) or "flash" (the custom
+  forward's gathers and merge, the tile attention by its own VJP; the default) or "flash" (the custom
   VJP `_attend_backward`, held equal by the tests; faster for MoBA's 512-key blocks, which use it; for
   64-key blocks faster alone but not inside the dsa_block layer: docs/benchmarks.md). return_lse: also return each row's log-sum-exp of its
   scaled scores, f32 [B, T, H] under stop_gradient (-inf for a row that sees nothing; dsa_tile_kl reads it)."""
