@@ -63,20 +63,24 @@ def _tile_attention(q_tiles: jax.Array, k_tiles: jax.Array, v_tiles: jax.Array, 
 
 def _tile_attention_fwd(q_tiles, k_tiles, v_tiles, mask):
   out, lse = _tile_forward(q_tiles, k_tiles, v_tiles, mask)
-  return (out, lse), (q_tiles, k_tiles, v_tiles, mask, out, lse)
+  return (out, lse), (q_tiles, k_tiles, v_tiles, mask, lse)
 
 
-def _tile_grads(q, k, v, mask, lse, delta, d_out):
+def _tile_grads(q, k, v, mask, lse, d_out, delta=None, d_lse=None):
   """Flash attention's backward inside each tile: q, d_out [n, tile, R, D], k, v [n, bk, D], mask bool
-  broadcastable to [n, tile, R, bk], lse and delta f32 [n, tile, R] -> (dq [n, tile, R, D], dk, dv [n, bk, D]) f32.
-  d_scores = P (dP - delta) with P recomputed from lse. dk, dv contract the flattened (tile, R) rows as dimension
-  1 of both operands: the "ntrk,ntrd->nkd" einsum let XLA CPU transpose d_scores and run a ~5x slower dot
-  (docs/benchmarks.md, 2026-12-04)."""
+  broadcastable to [n, tile, R, bk], lse f32 [n, tile, R] -> (dq [n, tile, R, D], dk, dv [n, bk, D]) f32.
+
+  d_scores = P (dP - delta) with P recomputed from lse; delta = rowsum(dO * O) (given) or, from P and dP with
+  no saved O, rowsum(P * dP) - d_lse (d_lse: the cotangent of lse). dk, dv contract the flattened (tile, R)
+  rows as dimension 1 of both operands: the "ntrk,ntrd->nkd" einsum let XLA CPU transpose d_scores and run a
+  slower dot (docs/benchmarks.md, 2026-12-04)."""
   n, tile, reps, _ = q.shape
   scores = jnp.einsum("ntrd,nkd->ntrk", q, k, preferred_element_type=jnp.float32)
   probs = _probs_from_lse(scores, mask, lse)
   d_out = d_out.astype(v.dtype)
   d_probs = jnp.einsum("ntrd,nkd->ntrk", d_out, v, preferred_element_type=jnp.float32)
+  if delta is None:
+    delta = jnp.sum(probs * d_probs, axis=-1) - d_lse
   d_scores = probs * (d_probs - delta[..., None])
   dq = jnp.einsum("ntrk,nkd->ntrd", d_scores.astype(k.dtype), k, preferred_element_type=jnp.float32)
   rows = lambda x, dtype: x.reshape(n, tile * reps, x.shape[-1]).astype(dtype)  # noqa: E731
@@ -87,11 +91,11 @@ def _tile_grads(q, k, v, mask, lse, delta, d_out):
 
 
 def _tile_backward(residuals, cotangents):
-  """dq, dk, dv of a tile batch from d_out and d_lse (the merge weights read lse): delta = rowsum(dO * O) - d_lse."""
-  q, k, v, mask, out, lse = residuals
+  """dq, dk, dv of a tile batch from d_out and d_lse (the merge weights read lse); saves no tile output."""
+  q, k, v, mask, lse = residuals
   d_out, d_lse = cotangents
   visible = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask[:, :, None, :]
-  dq, dk, dv = _tile_grads(q, k, v, visible, lse, jnp.sum(d_out * out, axis=-1) - d_lse, d_out)
+  dq, dk, dv = _tile_grads(q, k, v, visible, lse, d_out, d_lse=d_lse)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -306,7 +310,7 @@ def _attend_backward(geometry, residuals, cotangents):
     mask = (plan.slot_assignment >= 0).reshape(-1, tile, 1, 1)
     if plan.tile_mask is not None:
       mask = mask & plan.tile_mask[:, :, None, :]
-    dq_tiles, dk_tiles, dv_tiles = _tile_grads(q_tiles, k_tiles, v_tiles, mask, lse_tiles, delta_tiles, do_tiles)
+    dq_tiles, dk_tiles, dv_tiles = _tile_grads(q_tiles, k_tiles, v_tiles, mask, lse_tiles, do_tiles, delta_tiles)
     taken = (plan.assignment_slot >= 0)[..., None, None]
     dq_slots = dq_tiles.reshape(-1, reps, dim)[jnp.maximum(plan.assignment_slot, 0)]  # [B, T, Hl', S, R, D]
     dq = dq + jnp.sum(jnp.where(taken, dq_slots, 0.0), axis=3)
