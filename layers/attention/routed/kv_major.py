@@ -226,29 +226,24 @@ def _forward(q, k, v, plan: _Plan, geometry):
   batch, seq, rows, reps, dim = q.shape
   padded = math.ceil(seq / block_kv) * block_kv
   own_out, own_lse = _own_block_attention(*(_pad(x, padded) for x in (q, k, v, plan.own_mask)))
-  parts_lse = [own_lse[:, :seq, :, :, None]]  # [B, T, Hl', R, 1]
+  parts_lse, parts_out = [own_lse[:, :seq, :, :, None]], [own_out[:, :seq, :, :, None]]  # [B, T, Hl', R, 1(, D)]
   if plan.slot_assignment is not None:
     k_tiles, v_tiles = (_key_blocks(x, block_kv)[plan.tile_group] for x in (k, v))
     tile_out, tile_lse = _tile_attention(_tile_rows(q, plan, slots, tile), k_tiles, v_tiles, plan.tile_mask)
     taken = plan.assignment_slot >= 0
     slot = jnp.maximum(plan.assignment_slot, 0)
     past_lse = jnp.where(taken[..., None], tile_lse.reshape(-1, reps)[slot], -jnp.inf)  # [B, T, Hl', S, R]
+    past_out = jnp.where(taken[..., None, None], tile_out.reshape(-1, reps, dim)[slot], 0.0)
     parts_lse.append(jnp.moveaxis(past_lse, 3, 4))
+    parts_out.append(jnp.moveaxis(past_out, 3, 4))
   lse = jnp.concatenate(parts_lse, axis=-1)  # [B, T, Hl', R, 1 + S]
   top = jax.lax.stop_gradient(jnp.max(lse, axis=-1, keepdims=True))
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   weights = jnp.exp(lse - top)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   weights = weights / jnp.where(total > 0, total, 1.0)  # a row that sees nothing: all weights 0
-  out = weights[..., :1] * own_out[:, :seq]
-  if plan.slot_assignment is not None:
-    # Each tile slot's output, weighted, adds into its row: no [B, T, Hl', S, R, D] gather of the tile outputs.
-    assignment = plan.slot_assignment
-    slot_weights = jnp.moveaxis(weights[..., 1:], -1, -2).reshape(-1, reps)[jnp.maximum(assignment, 0)]
-    slot_weights = jnp.where((assignment >= 0)[:, None], slot_weights, 0.0)  # [n * tile, R]
-    weighted = tile_out.reshape(-1, reps, dim) * slot_weights[..., None]
-    out = out + jnp.zeros((batch * seq * rows, reps, dim), out.dtype).at[jnp.maximum(assignment, 0) // slots].add(
-        weighted).reshape(out.shape)
+  out = sum(jnp.einsum("btgrs,btgrsd->btgrd", w, o) for w, o in
+            zip(jnp.split(weights, [1], axis=-1), parts_out, strict=False))
   total_lse = jnp.where(total[..., 0] > 0, top[..., 0] + jnp.log(jnp.where(total[..., 0] > 0, total[..., 0], 1.0)),
                         -jnp.inf)
   return out, total_lse
