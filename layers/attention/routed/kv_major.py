@@ -314,7 +314,7 @@ def _attend_backward(geometry, residuals, cotangents):
     taken = (plan.assignment_slot >= 0)[..., None, None]
     dq_slots = dq_tiles.reshape(-1, reps, dim)[jnp.maximum(plan.assignment_slot, 0)]  # [B, T, Hl', S, R, D]
     dq = dq + jnp.sum(jnp.where(taken, dq_slots, 0.0), axis=3)
-    groups = batch * kv_heads * num_blocks
+
     def to_keys(grad):  # [n, bk, D] per tile -> [B, T, KVH, D], summed into the key block each tile read
       summed = jax.ops.segment_sum(grad, plan.tile_group, batch * kv_heads * num_blocks, indices_are_sorted=True)
       return summed.reshape(batch, kv_heads, padded, dim).transpose(0, 2, 1, 3)[:, :seq]

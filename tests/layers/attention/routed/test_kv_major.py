@@ -149,7 +149,8 @@ def _flash_and_autodiff(q, k, v, index, token_mask=None, tile=4):
 
 @pytest.mark.parametrize("rows,mode,with_mask,seq", FLASH_CASES)
 def test_flash_gradient_equals_autodiff_and_reference(seed, rows, mode, with_mask, seq):
-  """The custom VJP (`gradient="flash"`) against autodiff through the forward (the reference-checked path):
+  """The custom VJP (`gradient="flash"`) against the default (autodiff through the gathers and the merge, the
+  tile attention's own VJP; the reference-checked path):
   Hl = H, KVH, 1, token masks, rows that see nothing, odd T, GQA; T = 3 has one block (no tiles)."""
   rng = np.random.default_rng(seed)
   batch, heads, kv_heads, dim, slots = 2, 4, 2, 8, 3
