@@ -112,13 +112,20 @@ def _dense_functions():
   return {}, forward, forward_backward
 
 
+def layer_inputs(seq: int):
+  """The timed layer's inputs at T = seq, f32, seeded by seq: (x [1, T, MODEL_DIM], q [1, T, H, D], k, v
+  [1, T, KVH, D], ct [1, T, H, D] the output cotangent)."""
+  keys = jax.random.split(jax.random.key(seq), 5)
+  x = jax.random.normal(keys[0], (1, seq, MODEL_DIM), jnp.float32)
+  q, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys[1:3])
+  k, v = (jax.random.normal(key, (1, seq, KV_HEADS, DIM), jnp.float32) for key in keys[3:5])
+  return x, q, k, v, ct
+
+
 def run(seq_lens, kinds, *, repeats: int, log=print) -> list[dict]:
   rows = []
   for seq in seq_lens:
-    keys = jax.random.split(jax.random.key(seq), 5)
-    x = jax.random.normal(keys[0], (1, seq, MODEL_DIM), jnp.float32)
-    q, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys[1:3])
-    k, v = (jax.random.normal(key, (1, seq, KV_HEADS, DIM), jnp.float32) for key in keys[3:5])
+    x, q, k, v, ct = layer_inputs(seq)
     entries = []
     for kind in ("dense",) + tuple(kinds):
       params, forward, forward_backward = _dense_functions() if kind == "dense" else _routed_functions(kind, seq)
@@ -212,10 +219,7 @@ def split_functions(kind: str, seq: int, x, q, k, v, ct) -> dict:
 
 def run_split(seq: int, kinds, *, repeats: int, log=print) -> list[dict]:
   """`--split`: each kind's parts (`split_functions`) with the dense baseline, timed interleaved."""
-  keys = jax.random.split(jax.random.key(seq), 5)
-  x = jax.random.normal(keys[0], (1, seq, MODEL_DIM), jnp.float32)
-  q, ct = (jax.random.normal(key, (1, seq, HEADS, DIM), jnp.float32) for key in keys[1:3])
-  k, v = (jax.random.normal(key, (1, seq, KV_HEADS, DIM), jnp.float32) for key in keys[3:5])
+  x, q, k, v, ct = layer_inputs(seq)
   dense_fwd = lambda q, k, v: dense.blocked_causal_attention(q, k, v)  # noqa: E731
   entries = [_Timed(("dense", "fwd"), dense_fwd, (q, k, v)),
              _Timed(("dense", "fwd+bwd"), lambda q, k, v: _dense_functions()[2]({}, x, q, k, v, ct), (q, k, v))]

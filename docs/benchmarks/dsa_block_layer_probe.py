@@ -16,10 +16,7 @@ from sparseformer.benchmarks.attention import _Timed, time_interleaved  # noqa: 
 from sparseformer.layers.attention.routed import dsa_tile_kl, kv_major  # noqa: E402
 
 seq = int(sys.argv[1])
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM))
-q, ct = (jax.random.normal(key, (1, seq, ra.HEADS, ra.DIM)) for key in keys[1:3])
-k, v = (jax.random.normal(key, (1, seq, ra.KV_HEADS, ra.DIM)) for key in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 orig_kl, orig_attend = dsa_tile_kl.block_indexer_kl, kv_major.attend_kv_major
 no_kl = lambda q, k, f, *a, **kw: 0.0 * jnp.sum(f.k[0, 0, 0])  # noqa: E731
 entries = []

@@ -10,9 +10,7 @@ import routed_attention as ra
 from sparseformer.benchmarks.attention import _Timed, time_interleaved
 from sparseformer.layers.attention.routed import dsa_gather, dsa_indexer, dsa_loss, make_routed
 seq = int(sys.argv[1]); cfg = ra.KIND_SETTINGS["dsa"]["dsa"]
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM)); q, ct = (jax.random.normal(kk, (1, seq, ra.HEADS, ra.DIM)) for kk in keys[1:3])
-k, v = (jax.random.normal(kk, (1, seq, ra.KV_HEADS, ra.DIM)) for kk in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 module = make_routed("dsa", dim=ra.MODEL_DIM, num_heads=ra.HEADS, num_kv_heads=ra.KV_HEADS, head_dim=ra.DIM, config=ra.sparse_config("dsa"), rope_theta=1e4, init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 features = module.indexer(x, jnp.arange(seq))
 sel = dsa_indexer.running_top_k(features, cfg.topk, key_chunk=cfg.key_chunk, query_chunk=cfg.query_chunk)

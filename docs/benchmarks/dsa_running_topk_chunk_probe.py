@@ -43,7 +43,8 @@ def select(features, chunk):
 functions = {chunk: jax.jit(lambda f, chunk=chunk: select(f, chunk)) for chunk in chunks}
 selections = {chunk: jax.block_until_ready(fn(features)) for chunk, fn in functions.items()}
 for chunk, selection in selections.items():
-  assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(selection), jax.tree.leaves(selections[chunks[0]]))), chunk
+  same = zip(jax.tree.leaves(selection), jax.tree.leaves(selections[chunks[0]]), strict=True)
+  assert all(bool((a == b).all()) for a, b in same), f"key_chunk={chunk} selects differently"
 times = {chunk: [] for chunk in chunks}
 for _ in range(3):
   for chunk, fn in functions.items():

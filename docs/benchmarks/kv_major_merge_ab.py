@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -21,7 +20,6 @@ import routed_attention as ra  # noqa: E402
 
 from sparseformer.benchmarks.attention import _Timed, time_interleaved  # noqa: E402
 from sparseformer.layers.attention.routed import kv_major  # noqa: E402
-
 
 
 def load(commit: str):
@@ -32,14 +30,12 @@ def load(commit: str):
   spec = importlib.util.spec_from_file_location(f"kv_major_{commit}", handle.name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  os.unlink(handle.name)
   return module
 
 
 seq, kind, repeats = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM))
-q, ct = (jax.random.normal(key, (1, seq, ra.HEADS, ra.DIM)) for key in keys[1:3])
-k, v = (jax.random.normal(key, (1, seq, ra.KV_HEADS, ra.DIM)) for key in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 committed = kv_major._forward
 entries = []
 for name, commit in (("scatter merge (1bdd3cb)", "1bdd3cb"), ("gather merge (56bc25c)", "56bc25c")):

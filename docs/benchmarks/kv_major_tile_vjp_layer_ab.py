@@ -23,10 +23,7 @@ from sparseformer.benchmarks.attention import _Timed, time_interleaved  # noqa: 
 from sparseformer.layers.attention.routed import kv_major as km  # noqa: E402
 
 seq, kind, repeats = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM))
-q, ct = (jax.random.normal(key, (1, seq, ra.HEADS, ra.DIM)) for key in keys[1:3])
-k, v = (jax.random.normal(key, (1, seq, ra.KV_HEADS, ra.DIM)) for key in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 
 
 @jax.custom_vjp

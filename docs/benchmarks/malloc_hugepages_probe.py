@@ -18,10 +18,7 @@ import sys, time, jax
 sys.path.insert(0, {bench!r})
 import routed_attention as ra
 seq, kind, calls = {seq}, {kind!r}, {calls}
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM))
-q, ct = (jax.random.normal(key, (1, seq, ra.HEADS, ra.DIM)) for key in keys[1:3])
-k, v = (jax.random.normal(key, (1, seq, ra.KV_HEADS, ra.DIM)) for key in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 params, _, fwd_bwd = ra._dense_functions() if kind == "dense" else ra._routed_functions(kind, seq)
 fn, args = jax.jit(fwd_bwd), (params, x, q, k, v, ct)
 jax.block_until_ready(fn(*args))

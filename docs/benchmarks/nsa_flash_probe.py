@@ -9,9 +9,7 @@ import routed_attention as ra
 from sparseformer.benchmarks.attention import _Timed, time_interleaved
 from sparseformer.layers.attention.routed import kv_major
 seq = int(sys.argv[1])
-keys = jax.random.split(jax.random.key(seq), 5)
-x = jax.random.normal(keys[0], (1, seq, ra.MODEL_DIM)); q, ct = (jax.random.normal(kk, (1, seq, ra.HEADS, ra.DIM)) for kk in keys[1:3])
-k, v = (jax.random.normal(kk, (1, seq, ra.KV_HEADS, ra.DIM)) for kk in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(seq)
 orig = kv_major.attend_kv_major
 entries = []
 _, dfwd, dfb = ra._dense_functions()

@@ -31,10 +31,7 @@ from xprof.convert import raw_to_tool_data  # noqa: E402  (fail early: before th
 if args.gradient:
   attend = kv_major.attend_kv_major
   kv_major.attend_kv_major = lambda *a, **kw: attend(*a, **{**kw, "gradient": args.gradient})
-keys = jax.random.split(jax.random.key(args.seq), 5)
-x = jax.random.normal(keys[0], (1, args.seq, ra.MODEL_DIM))
-q, ct = (jax.random.normal(key, (1, args.seq, ra.HEADS, ra.DIM)) for key in keys[1:3])
-k, v = (jax.random.normal(key, (1, args.seq, ra.KV_HEADS, ra.DIM)) for key in keys[3:5])
+x, q, k, v, ct = ra.layer_inputs(args.seq)
 params, _, fwd_bwd = ra._routed_functions(args.kind, args.seq)
 fn, inputs = jax.jit(fwd_bwd), (params, x, q, k, v, ct)
 os.makedirs(args.out, exist_ok=True)

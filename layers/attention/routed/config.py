@@ -106,7 +106,7 @@ class DSAConfig:
   topk: int = 2048  # keys per query (all keys while t < topk)
   block_size: int = 64  # dsa_block: key block the indexer scores are max-pooled over
   key_chunk: int = 16384  # indexer keys per step of the running top-k (live [query_chunk, key_chunk] scores, never
-  # [T, T]); each step re-ranks topk + key_chunk candidates, so fewer, longer steps are faster: 22.6 s -> 9.0 s
+  # [T, T]); each step re-ranks topk + key_chunk candidates, so fewer, longer steps are faster: 23.3 s -> 9.4 s
   # at T = 16K for 1024 -> 16384 (docs/benchmarks.md, 2026-12-04)
   query_chunk: int = 128  # queries per step of the indexer, the token-gather attention and the KL losses
   stage: str = "sparse"  # warmup (dense attention, only the indexer learns) | sparse (top-k attention)
